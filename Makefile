@@ -1,0 +1,50 @@
+# From Attention to Sora -- the two commands a new user needs are `make lab` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CHAPTER ?=
+# Tests run on both cores of the CI machine; each notebook keeps to one torch thread (coursekit).
+TEST_WORKERS ?= 2
+
+.PHONY: help setup lab test test-fast release book bench clean
+
+help:
+	@echo "make lab      set up if needed, then JupyterLab on chapters/ at http://127.0.0.1:8888"
+	@echo "make test     set up if needed, then the whole test suite"
+	@echo "make release  regenerate chapters/ from solutions/ (CHAPTER=NN_name for one)"
+	@echo "make book     build the Jupyter Book into _build/html (executes every chapter)"
+	@echo "make bench    time every solution notebook -> benchmarks/results/"
+
+$(STAMP): requirements.txt pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required (set PYTHON=/path/to/python3.11)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.port=8888 --no-browser --allow-root \
+		--ServerApp.root_dir=chapters
+
+test: $(STAMP)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --nbval-lax
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" -p no:nbval tests
+
+release: $(STAMP)
+	$(PY) -m autograders.release $(CHAPTER)
+
+book: $(STAMP)
+	$(PY) tools/build_book.py
+
+bench: $(STAMP)
+	$(PY) benchmarks/notebooks.py $(CHAPTER)
+
+clean:
+	rm -rf _build .pytest_cache

@@ -1,0 +1,20 @@
+"""nbgrader configuration for the course (the repository root is the course directory).
+
+solutions/<chapter>/  instructor notebooks (nbgrader's "source")
+chapters/<chapter>/   student notebooks generated from them (nbgrader's "release"), committed
+submitted/, autograded/, feedback/, gradebook.db   an instructor's grading state (git-ignored)
+"""
+
+c = get_config()  # noqa: F821 (provided by nbgrader)
+
+c.CourseDirectory.course_id = "attention-to-sora"
+c.CourseDirectory.source_directory = "solutions"
+c.CourseDirectory.release_directory = "chapters"
+c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__", "*.egg-info"]
+
+c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}
+c.ClearSolutions.text_stub = "YOUR ANSWER HERE"
+
+# A chapter runs in under a minute; one cell may train for a while on a slow laptop.
+c.ExecutePreprocessor.timeout = 600
+c.ExecutePreprocessor.interrupt_on_timeout = True
