@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 CHAPTER ?=
 # Tests run on both cores of the CI machine; each notebook keeps to one torch thread (coursekit).
 TEST_WORKERS ?= 2
+# Programs of the environment (jupyter, nbgrader, alembic) come first on the PATH of every recipe.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: help setup lab test test-fast release book bench clean
 

@@ -28,7 +28,9 @@ def notebook_of(folder: Path) -> Path:
 
 def run(cmd: list[str], cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
     """Run a command; on failure the assertion shows its output."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    # nbgrader runs helper programs (alembic) by name: the environment's bin/ must be on PATH.
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, (
         f"command failed (exit {proc.returncode}): {' '.join(map(str, cmd))}\n"
