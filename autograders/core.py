@@ -239,11 +239,15 @@ def _compare(name: str, got: np.ndarray, expected: np.ndarray, tol: Tolerance) -
                 f"without subtracting the maximum first, or a row that is masked out entirely")
     if _close(got, expected, tol):
         return None
-    diff = np.abs(np.where(np.isfinite(g) & np.isfinite(e), g - e, np.where(g == e, 0.0, np.inf)))
-    diff = np.nan_to_num(diff, nan=np.inf)
+    with np.errstate(invalid="ignore", over="ignore"):
+        finite = np.isfinite(g) & np.isfinite(e)
+        diff = np.abs(np.where(finite, g - e, 0.0))
+        diff = np.where(finite | (g == e), diff, np.inf)  # a mismatched infinity is the worst error
+    diff = np.nan_to_num(diff, nan=np.inf, posinf=np.inf)
     idx = np.unravel_index(int(np.argmax(diff)), diff.shape) if diff.ndim else ()
     where = tuple(int(i) for i in idx)
-    return (f"{name} values differ: largest error {float(diff[idx]):.3g} at index {where} "
+    size = "an infinite mismatch" if np.isinf(diff[idx]) else f"largest error {float(diff[idx]):.3g}"
+    return (f"{name} values differ: {size} at index {where} "
             f"(got {float(g[idx]):.6g}, expected {float(e[idx]):.6g}); tolerance {tol.describe()}")
 
 
