@@ -1,0 +1,536 @@
+"""Checks for chapter 03, the Transformer encoder.
+
+Conventions (stated in the notebook too): a batch of sequences is a ``(B, T, d_model)`` tensor
+(batch first); layer norm normalises over the last axis; a padding mask has shape ``(B, T)`` and is
+True where a position is padding (PyTorch's ``src_key_padding_mask`` convention).
+
+The encoder block and the stack are compared with ``nn.TransformerEncoderLayer`` (post-norm, ReLU,
+no dropout) and ``nn.TransformerEncoder``, in eval mode, with the same weights copied into both.
+Weights are copied by name, as the notebook states:
+
+    block.self_attn           <- layer.self_attn   (in_proj_weight/bias, out_proj.weight/bias)
+    block.ffn.linear1         <- layer.linear1
+    block.ffn.linear2         <- layer.linear2
+    block.norm1.weight/.bias  <- layer.norm1.weight/.bias
+    block.norm2.weight/.bias  <- layer.norm2.weight/.bias
+
+In eval mode under ``no_grad`` PyTorch takes a fused "fast path" (for an even number of heads).
+For one layer it computes exactly the same function, padding positions included. The stack's
+nested-tensor fast path instead writes zeros at padding positions (and warns), so the reference stack
+is built with ``enable_nested_tensor=False``: every position is then compared, padded ones too (they
+are computed like any other position; they are only hidden as keys).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autograders.core import Case, Check, CheckSet, Mistake, Tolerance, randn
+
+CHAPTER = "03_transformer_encoder"
+
+EPS = 1e-5  # nn.LayerNorm's and nn.TransformerEncoderLayer's default
+
+LN_TOL = Tolerance(2e-4, 1e-4, "float32; with inputs offset by 300 the inputs themselves are rounded to "
+                               "~2e-5 before dividing by a std of ~1 and scaling by weights up to ~2.5; F.layer_norm "
+                               "sums in another order")
+FFN_TOL = Tolerance(1e-5, 1e-4, "float32 sums of a few dozen products; another correct order of operations "
+                                "differs by ~1e-6")
+BLOCK_TOL = Tolerance(1e-4, 1e-4, "float32, compared with PyTorch's fused fast path, which orders the sums "
+                                  "differently; the two layer norms divide by stds near 1")
+STACK_TOL = Tolerance(3e-4, 3e-4, "float32 through up to 4 blocks, compared with PyTorch's fused kernels; "
+                                  "rounding differences of ~1e-5 per block grow a little with depth")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. layer norm
+
+def _ln_inputs(g, *shape, scale=1.0, offset=0.0, constant_row=False):
+    d = shape[-1]
+    x = randn(g, *shape, scale=scale) + offset
+    if constant_row:
+        x.view(-1, d)[0] = 3.0  # zero variance: only eps keeps 1/sqrt(var + eps) finite
+    return {"x": x, "weight": 1.0 + 0.5 * randn(g, d), "bias": 0.5 * randn(g, d), "eps": EPS}
+
+
+def _ln_ref(inputs):
+    x = inputs["x"]
+    return F.layer_norm(x, (x.shape[-1],), inputs["weight"], inputs["bias"], inputs["eps"])
+
+
+def _ln_generic(x, weight, bias, eps, *, dim=-1, correction=0, eps_outside=False, affine=True,
+                one_pass=False, use_eps=True):
+    if one_pass:
+        mean = x.mean(dim, keepdim=True)
+        var = (x * x).mean(dim, keepdim=True) - mean * mean
+    else:
+        mean = x.mean(dim, keepdim=True)
+        var = x.var(dim, keepdim=True, correction=correction)
+    eps = eps if use_eps else 0.0
+    y = (x - mean) / (var.sqrt() + eps) if eps_outside else (x - mean) / torch.sqrt(var + eps)
+    return y * weight + bias if affine else y
+
+
+def _ln_unbiased(x, weight, bias, eps=EPS):
+    return _ln_generic(x, weight, bias, eps, correction=1)
+
+
+def _ln_batch_axis(x, weight, bias, eps=EPS):
+    return _ln_generic(x, weight, bias, eps, dim=0)
+
+
+def _ln_eps_outside(x, weight, bias, eps=EPS):
+    return _ln_generic(x, weight, bias, eps, eps_outside=True)
+
+
+def _ln_no_affine(x, weight, bias, eps=EPS):
+    return _ln_generic(x, weight, bias, eps, affine=False)
+
+
+def _ln_one_pass(x, weight, bias, eps=EPS):
+    return _ln_generic(x, weight, bias, eps, one_pass=True)
+
+
+def _ln_no_eps(x, weight, bias, eps=EPS):
+    return _ln_generic(x, weight, bias, eps, use_eps=False)
+
+
+LAYER_NORM = Check(
+    name="layer_norm",
+    cases=(
+        Case("4 tokens, d=8", lambda g: _ln_inputs(g, 4, 8)),
+        Case("batch 2, T=5, d=16", lambda g: _ln_inputs(g, 2, 5, 16)),
+        Case("small values (std 0.001: eps matters)", lambda g: _ln_inputs(g, 3, 6, scale=1e-3)),
+        Case("batch 3, T=4, d=32, offset by 300", lambda g: _ln_inputs(g, 3, 4, 32, offset=300.0), hidden=True),
+        Case("a constant token (variance 0)", lambda g: _ln_inputs(g, 2, 3, 8, constant_row=True), hidden=True),
+        Case("d=2", lambda g: _ln_inputs(g, 5, 2), hidden=True),
+        Case("large values (x100)", lambda g: _ln_inputs(g, 2, 7, 12, scale=100.0), hidden=True),
+        Case("one token, d=64", lambda g: _ln_inputs(g, 1, 64), hidden=True),
+    ),
+    reference=_ln_ref,
+    tolerance=LN_TOL,
+    mistakes=(
+        Mistake("normalised over the batch axis", _ln_batch_axis,
+                "your result normalises over axis 0 (across the batch, as batch norm does): layer norm "
+                "uses the mean and variance of each token's own d features, the last axis."),
+        Mistake("unbiased variance", _ln_unbiased,
+                "your result matches the unbiased variance (dividing by d - 1, torch.var's default): "
+                "layer norm divides by d (correction=0 / unbiased=False)."),
+        Mistake("eps outside the square root", _ln_eps_outside,
+                "your result matches (x - mean) / (std + eps): eps goes inside the square root, "
+                "(x - mean) / sqrt(var + eps)."),
+        Mistake("no weight and bias", _ln_no_affine,
+                "your result is normalised but not scaled and shifted: multiply by `weight` and add "
+                "`bias` (per feature) at the end."),
+        Mistake("one-pass variance", _ln_one_pass,
+                "your result matches var = mean(x^2) - mean(x)^2, which loses all precision in float32 when "
+                "the mean is large compared with the spread: use the mean of (x - mean)^2."),
+        Mistake("no eps", _ln_no_eps,
+                "your result matches dividing by sqrt(var) without eps: add eps inside the square root."),
+    ),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. the position-wise feed-forward network
+
+def _ffn_params(g, d, d_ff):
+    return {
+        "linear1.weight": randn(g, d_ff, d, scale=d ** -0.5),
+        "linear1.bias": 0.3 * randn(g, d_ff),
+        "linear2.weight": randn(g, d, d_ff, scale=d_ff ** -0.5),
+        "linear2.bias": 0.3 * randn(g, d),
+    }
+
+
+def _ffn_inputs(g, shape, d_ff, scale=1.0):
+    d = shape[-1]
+    return {"x": randn(g, *shape, scale=scale), "d_model": d, "d_ff": d_ff, "params": _ffn_params(g, d, d_ff)}
+
+
+def _copy_linear(linear, params, prefix, owner):
+    if not isinstance(linear, nn.Linear):
+        raise AttributeError(f"{owner} must keep {prefix} as an nn.Linear attribute, as in the given __init__")
+    linear.weight.copy_(params[f"{prefix}.weight"])
+    linear.bias.copy_(params[f"{prefix}.bias"])
+
+
+def _call_ffn(impl, inputs):
+    module = impl(inputs["d_model"], inputs["d_ff"])
+    for name in ("linear1", "linear2"):
+        _copy_linear(getattr(module, name, None), inputs["params"], name, "FeedForward")
+    module.eval()
+    return module(inputs["x"])
+
+
+def _ffn_ref(inputs):
+    d, d_ff = inputs["d_model"], inputs["d_ff"]
+    ref = nn.Sequential(nn.Linear(d, d_ff), nn.ReLU(), nn.Linear(d_ff, d))
+    p = inputs["params"]
+    ref.load_state_dict({"0.weight": p["linear1.weight"], "0.bias": p["linear1.bias"],
+                         "2.weight": p["linear2.weight"], "2.bias": p["linear2.bias"]})
+    return ref.eval()(inputs["x"])
+
+
+class _FFNBase(nn.Module):
+    def __init__(self, d_model, d_ff):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, d_ff)
+        self.linear2 = nn.Linear(d_ff, d_model)
+
+
+class _FFNNoActivation(_FFNBase):
+    def forward(self, x):
+        return self.linear2(self.linear1(x))
+
+
+class _FFNReluAtEnd(_FFNBase):
+    def forward(self, x):
+        return torch.relu(self.linear2(torch.relu(self.linear1(x))))
+
+
+class _FFNGelu(_FFNBase):
+    def forward(self, x):
+        return self.linear2(F.gelu(self.linear1(x)))
+
+
+class _FFNWithResidual(_FFNBase):
+    def forward(self, x):
+        return x + self.linear2(torch.relu(self.linear1(x)))
+
+
+FEED_FORWARD = Check(
+    name="FeedForward",
+    cases=(
+        Case("batch 2, T=5, d_model=8, d_ff=32", lambda g: _ffn_inputs(g, (2, 5, 8), 32)),
+        Case("batch 1, T=3, d_model=4, d_ff=16", lambda g: _ffn_inputs(g, (1, 3, 4), 16)),
+        Case("one sequence (T, d) = (6, 12), d_ff=48", lambda g: _ffn_inputs(g, (6, 12), 48), hidden=True),
+        Case("d_ff smaller than d_model", lambda g: _ffn_inputs(g, (2, 4, 16), 8), hidden=True),
+        Case("large inputs (x10)", lambda g: _ffn_inputs(g, (3, 2, 8), 24, scale=10.0), hidden=True),
+    ),
+    reference=_ffn_ref,
+    call=_call_ffn,
+    tolerance=FFN_TOL,
+    mistakes=(
+        Mistake("no activation", _FFNNoActivation,
+                "your result matches two linear layers with nothing between them, which is just one linear "
+                "map: apply ReLU to the output of linear1."),
+        Mistake("ReLU at the end too", _FFNReluAtEnd,
+                "your result matches a ReLU after linear2 as well: only the hidden layer is activated, the "
+                "output of linear2 can be negative."),
+        Mistake("GELU", _FFNGelu,
+                "your result matches GELU: the original Transformer (and activation='relu') uses ReLU."),
+        Mistake("residual inside", _FFNWithResidual,
+                "your result adds the input back: the residual connection belongs to the encoder block, "
+                "not to FeedForward."),
+    ),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3-4. the encoder block and the stack, against nn.TransformerEncoderLayer / nn.TransformerEncoder
+
+def _layer_params(g, d, d_ff):
+    params = {
+        "self_attn.in_proj_weight": randn(g, 3 * d, d, scale=d ** -0.5),
+        "self_attn.in_proj_bias": 0.2 * randn(g, 3 * d),
+        "self_attn.out_proj.weight": randn(g, d, d, scale=d ** -0.5),
+        "self_attn.out_proj.bias": 0.2 * randn(g, d),
+    }
+    params.update(_ffn_params(g, d, d_ff))
+    for norm in ("norm1", "norm2"):
+        params[f"{norm}.weight"] = 1.0 + 0.3 * randn(g, d)
+        params[f"{norm}.bias"] = 0.3 * randn(g, d)
+    return params
+
+
+def _padding(g, B, T, kind):
+    if kind is None:
+        return None
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    lengths[0] = T  # one full sequence ...
+    if B > 1:
+        lengths[1] = max(1, T // 2)  # ... and one surely padded
+    return torch.arange(T)[None, :] >= lengths[:, None]  # True at padding
+
+
+def _block_inputs(g, B, T, d, nhead, d_ff, padding=None, scale=1.0, num_layers=None):
+    inputs = {"x": randn(g, B, T, d, scale=scale), "padding_mask": _padding(g, B, T, padding),
+              "d_model": d, "nhead": nhead, "d_ff": d_ff}
+    if num_layers is None:
+        inputs["params"] = _layer_params(g, d, d_ff)
+    else:
+        inputs["num_layers"] = num_layers
+        inputs["layers"] = [_layer_params(g, d, d_ff) for _ in range(num_layers)]
+    return inputs
+
+
+def _describe_block(inputs):
+    x, mask = inputs["x"], inputs["padding_mask"]
+    text = f"x: {tuple(x.shape)}, nhead={inputs['nhead']}, d_ff={inputs['d_ff']}"
+    if "num_layers" in inputs:
+        text += f", num_layers={inputs['num_layers']}"
+    if mask is not None:
+        text += f", padding_mask: {tuple(mask.shape)} with lengths {(~mask).sum(1).tolist()}"
+    return text
+
+
+def load_layer_weights(block, params, owner="EncoderBlock"):
+    """Copy one nn.TransformerEncoderLayer state dict into a block with the notebook's attribute names."""
+    attn = getattr(block, "self_attn", None)
+    if not isinstance(attn, nn.MultiheadAttention):
+        raise AttributeError(f"{owner} must keep self.self_attn as an nn.MultiheadAttention, as in the given __init__")
+    attn.load_state_dict({k.removeprefix("self_attn."): v for k, v in params.items() if k.startswith("self_attn.")})
+    ffn = getattr(block, "ffn", None)
+    if ffn is None:
+        raise AttributeError(f"{owner} must keep self.ffn (a FeedForward), as in the given __init__")
+    for name in ("linear1", "linear2"):
+        _copy_linear(getattr(ffn, name, None), params, name, f"{owner}.ffn")
+    for name in ("norm1", "norm2"):
+        norm = getattr(block, name, None)
+        if norm is None or not hasattr(norm, "weight") or not hasattr(norm, "bias"):
+            raise AttributeError(f"{owner} must keep self.{name} (a LayerNorm with weight and bias), "
+                                 f"as in the given __init__")
+        norm.weight.copy_(params[f"{name}.weight"])
+        norm.bias.copy_(params[f"{name}.bias"])
+
+
+def _call_block(impl, inputs):
+    block = impl(inputs["d_model"], inputs["nhead"], inputs["d_ff"])
+    load_layer_weights(block, inputs["params"])
+    block.eval()
+    return block(inputs["x"], padding_mask=inputs["padding_mask"])
+
+
+def _torch_layer(inputs):
+    return nn.TransformerEncoderLayer(inputs["d_model"], inputs["nhead"], inputs["d_ff"], dropout=0.0,
+                                      activation="relu", layer_norm_eps=EPS, batch_first=True,
+                                      norm_first=False)
+
+
+def _block_ref(inputs):
+    layer = _torch_layer(inputs)
+    layer.load_state_dict(inputs["params"])
+    layer.eval()
+    return layer(inputs["x"], src_key_padding_mask=inputs["padding_mask"])
+
+
+def _call_stack(impl, inputs):
+    encoder = impl(inputs["d_model"], inputs["nhead"], inputs["d_ff"], inputs["num_layers"])
+    layers = getattr(encoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) != inputs["num_layers"]:
+        raise AttributeError("TransformerEncoder must keep its blocks in self.layers, an nn.ModuleList of "
+                             "num_layers EncoderBlocks, as in the given __init__")
+    for block, params in zip(layers, inputs["layers"]):
+        load_layer_weights(block, params, owner="each block in TransformerEncoder.layers")
+    encoder.eval()
+    return encoder(inputs["x"], padding_mask=inputs["padding_mask"])
+
+
+def _stack_ref(inputs):
+    # enable_nested_tensor=False: the nested-tensor fast path would write zeros at padding positions.
+    stack = nn.TransformerEncoder(_torch_layer(inputs), inputs["num_layers"], enable_nested_tensor=False)
+    for layer, params in zip(stack.layers, inputs["layers"]):
+        layer.load_state_dict(params)
+    stack.eval()
+    return stack(inputs["x"], src_key_padding_mask=inputs["padding_mask"])
+
+
+# Correct pieces the mistakes below are built from (the attribute names of the notebook's interface).
+
+class _LayerNorm(nn.Module):
+    def __init__(self, d_model, eps=EPS):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d_model))
+        self.bias = nn.Parameter(torch.zeros(d_model))
+
+    def forward(self, x):
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+class _FeedForward(_FFNBase):
+    def forward(self, x):
+        return self.linear2(torch.relu(self.linear1(x)))
+
+
+class _BlockBase(nn.Module):
+    def __init__(self, d_model, nhead, d_ff):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=0.0, batch_first=True)
+        self.ffn = _FeedForward(d_model, d_ff)
+        self.norm1 = _LayerNorm(d_model)
+        self.norm2 = _LayerNorm(d_model)
+
+    def attend(self, x, padding_mask):
+        return self.self_attn(x, x, x, key_padding_mask=padding_mask, need_weights=False)[0]
+
+
+class _PreNorm(_BlockBase):
+    def forward(self, x, padding_mask=None):
+        h = self.norm1(x)
+        x = x + self.attend(h, padding_mask)
+        return x + self.ffn(self.norm2(x))
+
+
+class _NoAttentionResidual(_BlockBase):
+    def forward(self, x, padding_mask=None):
+        x = self.norm1(self.attend(x, padding_mask))
+        return self.norm2(x + self.ffn(x))
+
+
+class _NoFFNResidual(_BlockBase):
+    def forward(self, x, padding_mask=None):
+        x = self.norm1(x + self.attend(x, padding_mask))
+        return self.norm2(self.ffn(x))
+
+
+class _NormBeforeAdding(_BlockBase):
+    def forward(self, x, padding_mask=None):
+        x = x + self.norm1(self.attend(x, padding_mask))
+        return x + self.norm2(self.ffn(x))
+
+
+class _InvertedPadding(_BlockBase):
+    def forward(self, x, padding_mask=None):
+        mask = None if padding_mask is None else ~padding_mask
+        x = self.norm1(x + self.attend(x, mask))
+        return self.norm2(x + self.ffn(x))
+
+
+class _IgnoresPadding(_BlockBase):
+    def forward(self, x, padding_mask=None):
+        x = self.norm1(x + self.attend(x, None))
+        return self.norm2(x + self.ffn(x))
+
+
+class _FFNBeforeAttention(_BlockBase):
+    def forward(self, x, padding_mask=None):
+        x = self.norm1(x + self.ffn(x))
+        return self.norm2(x + self.attend(x, padding_mask))
+
+
+_BLOCK_MISTAKES = (
+    Mistake("pre-norm", _PreNorm,
+            "your result matches a pre-norm block (x + attn(norm(x))): this exercise is the original "
+            "post-norm block, x = norm1(x + attn(x)) and then x = norm2(x + ffn(x))."),
+    Mistake("no residual around attention", _NoAttentionResidual,
+            "your result matches norm1(attn(x)) without the residual: add the block's input back, "
+            "norm1(x + attn(x))."),
+    Mistake("no residual around the FFN", _NoFFNResidual,
+            "your result matches norm2(ffn(x)) without the residual: norm2(x + ffn(x))."),
+    Mistake("norm applied before adding", _NormBeforeAdding,
+            "your result matches x + norm(sublayer(x)): normalise the SUM, norm(x + sublayer(x))."),
+    Mistake("inverted padding mask", _InvertedPadding,
+            "your result matches a padding mask used the wrong way round: padding_mask is True at PADDING, "
+            "which is what nn.MultiheadAttention's key_padding_mask expects -- pass it unchanged."),
+    Mistake("padding ignored", _IgnoresPadding,
+            "your result matches attention that ignores padding_mask: pass it to self.self_attn as "
+            "key_padding_mask, so that no position attends to padding."),
+    Mistake("FFN before attention", _FFNBeforeAttention,
+            "your result matches the feed-forward sublayer applied first: attention comes first, then the "
+            "feed-forward network."),
+)
+
+ENCODER_BLOCK = Check(
+    name="EncoderBlock",
+    cases=(
+        Case("batch 2, T=5, d_model=8, 2 heads, d_ff=16", lambda g: _block_inputs(g, 2, 5, 8, 2, 16)),
+        Case("batch 3, T=6, d_model=16, 4 heads, d_ff=32, padding",
+             lambda g: _block_inputs(g, 3, 6, 16, 4, 32, padding="random")),
+        Case("one head (no fused fast path), padding", lambda g: _block_inputs(g, 3, 7, 8, 1, 24, padding="random"),
+             hidden=True),
+        Case("batch 1, T=1", lambda g: _block_inputs(g, 1, 1, 8, 2, 16), hidden=True),
+        Case("batch 4, T=9, d_model=32, 8 heads, d_ff=64, padding",
+             lambda g: _block_inputs(g, 4, 9, 32, 8, 64, padding="random"), hidden=True),
+        Case("3 heads, large inputs (x5)", lambda g: _block_inputs(g, 2, 6, 12, 3, 20, scale=5.0), hidden=True),
+    ),
+    reference=_block_ref,
+    call=_call_block,
+    tolerance=BLOCK_TOL,
+    mistakes=_BLOCK_MISTAKES,
+    describe_inputs=_describe_block,
+)
+
+
+# Wrong stacks, built from a correct block.
+
+class _Block(_BlockBase):
+    def forward(self, x, padding_mask=None):
+        x = self.norm1(x + self.attend(x, padding_mask))
+        return self.norm2(x + self.ffn(x))
+
+
+class _StackBase(nn.Module):
+    def __init__(self, d_model, nhead, d_ff, num_layers):
+        super().__init__()
+        self.layers = nn.ModuleList([_Block(d_model, nhead, d_ff) for _ in range(num_layers)])
+
+
+class _NotChained(_StackBase):
+    def forward(self, x, padding_mask=None):
+        out = x
+        for layer in self.layers:
+            out = layer(x, padding_mask)
+        return out
+
+
+class _FirstLayerOnly(_StackBase):
+    def forward(self, x, padding_mask=None):
+        for _ in self.layers:
+            x = self.layers[0](x, padding_mask)
+        return x
+
+
+class _MaskOnlyFirst(_StackBase):
+    def forward(self, x, padding_mask=None):
+        for i, layer in enumerate(self.layers):
+            x = layer(x, padding_mask if i == 0 else None)
+        return x
+
+
+class _OuterResidual(_StackBase):
+    def forward(self, x, padding_mask=None):
+        out = x
+        for layer in self.layers:
+            out = layer(out, padding_mask)
+        return x + out
+
+
+TRANSFORMER_ENCODER = Check(
+    name="TransformerEncoder",
+    cases=(
+        Case("2 layers, batch 2, T=5, d_model=8, 2 heads", lambda g: _block_inputs(g, 2, 5, 8, 2, 16, num_layers=2)),
+        Case("3 layers, batch 3, T=6, d_model=16, 4 heads, padding",
+             lambda g: _block_inputs(g, 3, 6, 16, 4, 32, padding="random", num_layers=3)),
+        Case("1 layer", lambda g: _block_inputs(g, 2, 4, 8, 2, 16, num_layers=1), hidden=True),
+        Case("4 layers, one head, padding",
+             lambda g: _block_inputs(g, 3, 7, 8, 1, 16, padding="random", num_layers=4), hidden=True),
+        Case("2 layers, batch 4, T=10, d_model=32, 8 heads, padding",
+             lambda g: _block_inputs(g, 4, 10, 32, 8, 64, padding="random", num_layers=2), hidden=True),
+    ),
+    reference=_stack_ref,
+    call=_call_stack,
+    tolerance=STACK_TOL,
+    mistakes=(
+        Mistake("blocks not chained", _NotChained,
+                "your result matches applying every block to the ORIGINAL input and keeping the last "
+                "output: feed each block's output into the next block."),
+        Mistake("first block repeated", _FirstLayerOnly,
+                "your result matches applying self.layers[0] num_layers times: every block has its own "
+                "weights, loop over self.layers."),
+        Mistake("mask only in the first block", _MaskOnlyFirst,
+                "your result matches passing padding_mask to the first block only: every block must "
+                "ignore the padding."),
+        Mistake("extra residual around the stack", _OuterResidual,
+                "your result adds the input to the output of the stack: the residuals live inside the "
+                "blocks; the stack just applies them one after another."),
+    ),
+    describe_inputs=_describe_block,
+)
+
+
+CHECKS = CheckSet(CHAPTER, [LAYER_NORM, FEED_FORWARD, ENCODER_BLOCK, TRANSFORMER_ENCODER])
+check = CHECKS.check
