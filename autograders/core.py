@@ -331,7 +331,7 @@ class CheckSet:
     def __iter__(self):
         return iter(self.checks.values())
 
-    def check(self, name: str, impl: Any, *, hidden: bool = False, seed: int | None = None) -> Report:
+    def check(self, name: str, impl: Any, *, hidden: bool = False, seed: int | None = None) -> None:
         """Run the visible (or hidden) cases of one exercise; raise :class:`CheckFailed` if any is wrong.
 
         Visible cases use seed 0 so a student sees the same numbers every run; hidden cases use a
@@ -345,8 +345,8 @@ class CheckSet:
             # Raised from None: the student needs the message, not the grader's stack.
             raise CheckFailed(report.summary()) from None
         kind = "hidden" if hidden else "visible"
+        # Returns nothing, so a notebook cell shows only this line (use `evaluate` for the report).
         print(f"PASS {name}: {len(report.results)} {kind} case(s) correct")
-        return report
 
 
 def randn(generator: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:

@@ -1,0 +1,621 @@
+"""Checks for chapter 04, the decoder, cross attention and how seq2seq is trained.
+
+Conventions (stated in the notebook too): batches come first, (B, T, d); a boolean mask is True where
+a query MAY attend to a key (PyTorch's own modules use the opposite for boolean masks, or float
+masks of 0 / -inf); token ids PAD, BOS, EOS are 0, 1, 2 unless a case says otherwise. Decoders are
+checked on :class:`coursekit.seq2seq_data.TinyScorer`, a fixed next-token model small enough that
+the best output can be found by enumerating every sequence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autograders.core import EXACT, Case, Check, CheckSet, Mistake, Tolerance, randn
+from coursekit.seq2seq_data import BOS, EOS, PAD, TinyScorer, brute_force_best
+
+CHAPTER = "04_decoder_seq2seq"
+
+FP32_MODULE = Tolerance(1e-4, 1e-4, "float32, compared with nn.MultiheadAttention whose fused kernels "
+                                    "order the sums differently; large-input cases make the softmax sharp")
+FP32_LOSS = Tolerance(1e-4, 1e-5, "a float32 sum of up to a few hundred log-probabilities; a correct "
+                                  "log-softmax computed another way differs by ~1e-6 per term")
+DECODE = Tolerance(1e-4, 1e-5, "token ids are integers, so any difference there is >= 1 and fails; the "
+                               "score sums a few float32 log-probabilities, which differ by ~1e-6 when "
+                               "accumulated in another order or precision")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. greedy decoding
+
+def _greedy_ref(next_log_probs, batch_size, max_len, bos_id=BOS, eos_id=EOS, pad_id=PAD):
+    prefix = torch.full((batch_size, 1), bos_id, dtype=torch.long)
+    scores = torch.zeros(batch_size)
+    done = torch.zeros(batch_size, dtype=torch.bool)
+    for _ in range(max_len):
+        log_probs = next_log_probs(prefix)
+        best = log_probs.argmax(dim=-1)
+        scores += torch.where(done, 0.0, log_probs.gather(1, best[:, None])[:, 0])
+        best = torch.where(done, pad_id, best)
+        done |= best == eos_id
+        prefix = torch.cat([prefix, best[:, None]], dim=1)
+        if done.all():
+            break
+    return prefix[:, 1:], scores
+
+
+def _greedy_inputs(g, batch_size, vocab_size, max_len, sharpness=1.5, ids=(BOS, EOS, PAD)):
+    scorer = TinyScorer(vocab_size, max_len, batch_size, sharpness=sharpness, generator=g)
+    inputs = {"next_log_probs": scorer, "batch_size": batch_size, "max_len": max_len}
+    if ids != (BOS, EOS, PAD):
+        inputs.update(zip(("bos_id", "eos_id", "pad_id"), ids))
+    return inputs
+
+
+def _describe_greedy(inputs):
+    s = inputs["next_log_probs"]
+    return f"TinyScorer(vocab_size={s.vocab_size}, batch_size={s.batch_size}), max_len={inputs['max_len']}"
+
+
+def _greedy_no_stop(next_log_probs, batch_size, max_len, bos_id=BOS, eos_id=EOS, pad_id=PAD):
+    prefix = torch.full((batch_size, 1), bos_id, dtype=torch.long)
+    scores = torch.zeros(batch_size)
+    done = torch.zeros(batch_size, dtype=torch.bool)
+    for _ in range(max_len):
+        log_probs = next_log_probs(prefix)
+        best = log_probs.argmax(dim=-1)
+        scores += torch.where(done, 0.0, log_probs.gather(1, best[:, None])[:, 0])
+        done |= best == eos_id
+        prefix = torch.cat([prefix, best[:, None]], dim=1)
+        if done.all():
+            break
+    return prefix[:, 1:], scores
+
+
+def _greedy_all_steps(next_log_probs, batch_size, max_len, bos_id=BOS, eos_id=EOS, pad_id=PAD):
+    prefix = torch.full((batch_size, 1), bos_id, dtype=torch.long)
+    scores = torch.zeros(batch_size)
+    done = torch.zeros(batch_size, dtype=torch.bool)
+    for _ in range(max_len):
+        log_probs = next_log_probs(prefix)
+        best = log_probs.argmax(dim=-1)
+        scores += torch.where(done, 0.0, log_probs.gather(1, best[:, None])[:, 0])
+        best = torch.where(done, pad_id, best)
+        done |= best == eos_id
+        prefix = torch.cat([prefix, best[:, None]], dim=1)
+    return prefix[:, 1:], scores
+
+
+def _greedy_scores_after_eos(next_log_probs, batch_size, max_len, bos_id=BOS, eos_id=EOS, pad_id=PAD):
+    prefix = torch.full((batch_size, 1), bos_id, dtype=torch.long)
+    scores = torch.zeros(batch_size)
+    done = torch.zeros(batch_size, dtype=torch.bool)
+    for _ in range(max_len):
+        log_probs = next_log_probs(prefix)
+        best = log_probs.argmax(dim=-1)
+        scores += log_probs.gather(1, best[:, None])[:, 0]
+        best = torch.where(done, pad_id, best)
+        done |= best == eos_id
+        prefix = torch.cat([prefix, best[:, None]], dim=1)
+        if done.all():
+            break
+    return prefix[:, 1:], scores
+
+
+def _greedy_last_token_only(next_log_probs, batch_size, max_len, bos_id=BOS, eos_id=EOS, pad_id=PAD):
+    def last_only(prefix):
+        return next_log_probs(prefix[:, -1:])
+    return _greedy_ref(last_only, batch_size, max_len, bos_id, eos_id, pad_id)
+
+
+def _greedy_with_bos(next_log_probs, batch_size, max_len, bos_id=BOS, eos_id=EOS, pad_id=PAD):
+    tokens, scores = _greedy_ref(next_log_probs, batch_size, max_len, bos_id, eos_id, pad_id)
+    return torch.cat([torch.full((batch_size, 1), bos_id, dtype=torch.long), tokens], dim=1), scores
+
+
+GREEDY = Check(
+    name="greedy_decode",
+    cases=(
+        Case("one sequence, vocabulary 6, max_len 5", lambda g: _greedy_inputs(g, 1, 6, 5)),
+        Case("batch of 4, vocabulary 8, max_len 6", lambda g: _greedy_inputs(g, 4, 8, 6)),
+        Case("batch of 16, vocabulary 5, max_len 7", lambda g: _greedy_inputs(g, 16, 5, 7), hidden=True),
+        Case("max_len 1", lambda g: _greedy_inputs(g, 3, 6, 1), hidden=True),
+        Case("a sharp model, batch of 8, vocabulary 12", lambda g: _greedy_inputs(g, 8, 12, 6, sharpness=4.0),
+             hidden=True),
+        Case("batch of 6 with other ids: BOS=1, EOS=3, PAD=0 (EOS is not 2)",
+             lambda g: _greedy_inputs(g, 6, 7, 6, ids=(BOS, 3, PAD)), hidden=True),
+    ),
+    reference=lambda inputs: _greedy_ref(**inputs),
+    tolerance=DECODE,
+    output_names=("tokens", "scores"),
+    describe_inputs=_describe_greedy,
+    mistakes=(
+        Mistake("keeps decoding after EOS", _greedy_no_stop,
+                "a row that has produced EOS is finished: every later position of that row must be "
+                "pad_id, whatever the model predicts there."),
+        Mistake("always max_len steps", _greedy_all_steps,
+                "stop as soon as every row has produced EOS: the result has as many columns as steps "
+                "were needed, not always max_len."),
+        Mistake("scores after EOS", _greedy_scores_after_eos,
+                "the score of a row sums the log-probabilities of its tokens up to and including EOS; "
+                "do not add anything for the padding after it."),
+        Mistake("only the last token", _greedy_last_token_only,
+                "the model must see the whole prefix (BOS and every token so far), not only the last token."),
+        Mistake("BOS in the result", _greedy_with_bos,
+                "return only the generated tokens: leave out the leading BOS."),
+    ),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. causal mask
+
+def _causal_ref(inputs):
+    return nn.Transformer.generate_square_subsequent_mask(inputs["T"]) == 0  # float 0 / -inf -> bool
+
+
+def _call_mask(impl, inputs):
+    mask = impl(inputs["T"])
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"causal_mask must return a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"causal_mask must return a bool tensor (True = may attend), got {mask.dtype}; "
+                        f"PyTorch's nn.Transformer.generate_square_subsequent_mask returns floats "
+                        f"0 / -inf, this course uses booleans")
+    return mask
+
+
+CAUSAL = Check(
+    name="causal_mask",
+    cases=(
+        Case("T=4", lambda g: {"T": 4}),
+        Case("T=7", lambda g: {"T": 7}),
+        Case("T=1", lambda g: {"T": 1}, hidden=True),
+        Case("T=33", lambda g: {"T": 33}, hidden=True),
+    ),
+    reference=_causal_ref,
+    call=_call_mask,
+    tolerance=EXACT,
+    output_names=("mask",),
+    mistakes=(
+        Mistake("upper triangle", lambda T: torch.ones(T, T, dtype=torch.bool).triu(),
+                "your mask lets every position see the future and hides the past: query i may attend to "
+                "keys j <= i, the lower triangle (row = query, column = key)."),
+        Mistake("diagonal excluded", lambda T: torch.ones(T, T, dtype=torch.bool).tril(-1),
+                "a position may attend to itself: keep the diagonal (j <= i, not j < i)."),
+        Mistake("inverted convention", lambda T: torch.ones(T, T, dtype=torch.bool).triu(1),
+                "your mask is True where attention is forbidden (PyTorch's convention for boolean "
+                "masks); here True means 'may attend'."),
+    ),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. cross attention, against nn.MultiheadAttention with copied weights
+
+def _cross_inputs(g, B, T, S, d, heads, padded=True, scale=1.0):
+    inputs = {"x": randn(g, B, T, d, scale=scale), "memory": randn(g, B, S, d, scale=scale),
+              "d_model": d, "n_heads": heads, "memory_mask": None}
+    for name in ("W_q", "W_k", "W_v", "W_o"):
+        inputs[name] = randn(g, d, d, scale=d ** -0.5)  # nn.Linear layout: (out_features, in_features)
+    if padded:
+        lengths = torch.randint(1, S + 1, (B,), generator=g)
+        lengths[0] = max(1, S - 2)  # at least one row is really padded
+        inputs["memory_mask"] = torch.arange(S)[None, :] < lengths[:, None]
+    return inputs
+
+
+def _call_cross(impl, inputs):
+    module = impl(inputs["d_model"], inputs["n_heads"])
+    for name in ("W_q", "W_k", "W_v", "W_o"):
+        layer = getattr(module, name, None)
+        if layer is None or not hasattr(layer, "weight"):
+            raise AttributeError(f"CrossAttention must keep its projection {name} as an nn.Linear "
+                                 f"attribute (self.{name}), as in the given __init__")
+        layer.weight.copy_(inputs[name])
+    return module(inputs["x"], inputs["memory"], memory_mask=inputs["memory_mask"])
+
+
+def _cross_ref(inputs):
+    d, heads = inputs["d_model"], inputs["n_heads"]
+    mha = nn.MultiheadAttention(d, heads, bias=False, batch_first=True)
+    mha.in_proj_weight.copy_(torch.cat([inputs["W_q"], inputs["W_k"], inputs["W_v"]]))
+    mha.out_proj.weight.copy_(inputs["W_o"])
+    mha.eval()
+    mask = inputs["memory_mask"]
+    memory = inputs["memory"]
+    return mha(inputs["x"], memory, memory, key_padding_mask=None if mask is None else ~mask,
+               need_weights=True, average_attn_weights=False)
+
+
+class _CrossBase(nn.Module):
+    def __init__(self, d_model, n_heads):
+        super().__init__()
+        self.d_model, self.n_heads = d_model, n_heads
+        self.W_q = nn.Linear(d_model, d_model, bias=False)
+        self.W_k = nn.Linear(d_model, d_model, bias=False)
+        self.W_v = nn.Linear(d_model, d_model, bias=False)
+        self.W_o = nn.Linear(d_model, d_model, bias=False)
+
+    def split(self, t):
+        B, L, _ = t.shape
+        return t.view(B, L, self.n_heads, self.d_model // self.n_heads).transpose(1, 2)
+
+    def attend(self, q_in, kv_in, mask, *, scale=None, invert=False, project=True, bad_split=False):
+        B, T, _ = q_in.shape
+        dh = self.d_model // self.n_heads
+        if bad_split:
+            q = self.W_q(q_in).reshape(B, self.n_heads, T, dh)
+            k = self.W_k(kv_in).reshape(B, self.n_heads, kv_in.shape[1], dh)
+            v = self.W_v(kv_in).reshape(B, self.n_heads, kv_in.shape[1], dh)
+        else:
+            q, k, v = self.split(self.W_q(q_in)), self.split(self.W_k(kv_in)), self.split(self.W_v(kv_in))
+        s = q @ k.transpose(-2, -1) / math.sqrt(scale or dh)
+        if mask is not None:
+            allowed = ~mask if invert else mask
+            s = s.masked_fill(~allowed[:, None, None, :], float("-inf"))
+        w = torch.softmax(s, dim=-1)
+        out = (w @ v).transpose(1, 2).reshape(B, T, self.d_model)
+        return (self.W_o(out) if project else out), w
+
+
+class _CrossSelf(_CrossBase):
+    def forward(self, x, memory, memory_mask=None):
+        return self.attend(x, x, None)
+
+
+class _CrossInverted(_CrossBase):
+    def forward(self, x, memory, memory_mask=None):
+        return self.attend(x, memory, memory_mask, invert=True)
+
+
+class _CrossNoMask(_CrossBase):
+    def forward(self, x, memory, memory_mask=None):
+        return self.attend(x, memory, None)
+
+
+class _CrossNoProjection(_CrossBase):
+    def forward(self, x, memory, memory_mask=None):
+        return self.attend(x, memory, memory_mask, project=False)
+
+
+class _CrossScaleDModel(_CrossBase):
+    def forward(self, x, memory, memory_mask=None):
+        return self.attend(x, memory, memory_mask, scale=self.d_model)
+
+
+class _CrossBadSplit(_CrossBase):
+    def forward(self, x, memory, memory_mask=None):
+        return self.attend(x, memory, memory_mask, bad_split=True)
+
+
+CROSS = Check(
+    name="CrossAttention",
+    cases=(
+        Case("batch 2, T=3 decoder positions, S=5 memory positions, d_model=8, 2 heads, padded memory",
+             lambda g: _cross_inputs(g, 2, 3, 5, 8, 2)),
+        Case("batch 2, T=S=4, d_model=8, 4 heads, no mask",
+             lambda g: _cross_inputs(g, 2, 4, 4, 8, 4, padded=False)),
+        Case("batch 2, T=S=6, d_model=12, 3 heads, padded memory",
+             lambda g: _cross_inputs(g, 2, 6, 6, 12, 3)),
+        Case("batch 3, one decoder step (T=1), S=7, d_model=16, 4 heads",
+             lambda g: _cross_inputs(g, 3, 1, 7, 16, 4), hidden=True),
+        Case("batch 1, T=5, S=1, d_model=8, 1 head", lambda g: _cross_inputs(g, 1, 5, 1, 8, 1, padded=False),
+             hidden=True),
+        Case("batch 4, T=6, S=9, d_model=32, 8 heads, padded, large inputs",
+             lambda g: _cross_inputs(g, 4, 6, 9, 32, 8, scale=3.0), hidden=True),
+    ),
+    reference=_cross_ref,
+    call=_call_cross,
+    tolerance=FP32_MODULE,
+    output_names=("output", "weights"),
+    mistakes=(
+        Mistake("self-attention", _CrossSelf,
+                "the result matches self-attention over the decoder states: keys and values must come "
+                "from `memory` (the encoder output); only the queries come from `x`."),
+        Mistake("inverted mask", _CrossInverted,
+                "the result matches a memory mask used the wrong way round: True marks a real memory "
+                "position that MAY be attended; fill the scores where it is False with -inf."),
+        Mistake("mask ignored", _CrossNoMask,
+                "padded memory positions got attention weight: set the scores of positions where "
+                "memory_mask is False to -inf before the softmax (broadcast the (B, S) mask over heads "
+                "and queries)."),
+        Mistake("no output projection", _CrossNoProjection,
+                "the result matches the concatenated heads without the output projection: apply W_o last."),
+        Mistake("scaled by d_model", _CrossScaleDModel,
+                "your scores are scaled by 1/sqrt(d_model); each head compares vectors of size "
+                "d_model // n_heads, so scale by 1/sqrt(d_head)."),
+        Mistake("heads split with a plain reshape", _CrossBadSplit,
+                "the result matches reshaping (B, T, d_model) straight to (B, n_heads, T, d_head), which "
+                "mixes positions into heads: view as (B, T, n_heads, d_head), then transpose(1, 2)."),
+    ),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. the seq2seq loss
+
+def _loss_inputs(g, B, T, V, pad_id=PAD, reduction="mean", scale=2.0, no_pad=False):
+    logits = randn(g, B, T, V, scale=scale)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    targets[targets == pad_id] = (pad_id + 1) % V  # real tokens are never the pad id
+    if not no_pad:
+        lengths = torch.randint(1, T + 1, (B,), generator=g)
+        lengths[0] = max(1, T - 2)
+        targets[torch.arange(T)[None, :] >= lengths[:, None]] = pad_id
+    return {"logits": logits, "targets": targets, "pad_id": pad_id, "reduction": reduction}
+
+
+def _loss_ref(inputs):
+    logits, targets = inputs["logits"], inputs["targets"]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=inputs["pad_id"], reduction=inputs["reduction"])
+
+
+def _token_nll(logits, targets, pad_id, log_probs=None):
+    lp = torch.log_softmax(logits, dim=-1) if log_probs is None else log_probs
+    nll = -lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return nll, targets != pad_id
+
+
+def _loss_pad_counted(logits, targets, pad_id, reduction="mean"):
+    nll = -torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return nll.sum() if reduction == "sum" else nll.mean()
+
+
+def _loss_mean_all_positions(logits, targets, pad_id, reduction="mean"):
+    nll, keep = _token_nll(logits, targets, pad_id)
+    total = (nll * keep).sum()
+    return total if reduction == "sum" else total / targets.numel()
+
+
+def _loss_mean_per_sequence(logits, targets, pad_id, reduction="mean"):
+    nll, keep = _token_nll(logits, targets, pad_id)
+    per_seq = (nll * keep).sum(1)
+    return per_seq.sum() if reduction == "sum" else (per_seq / keep.sum(1)).mean()
+
+
+def _loss_log_of_softmax(logits, targets, pad_id, reduction="mean"):
+    nll, keep = _token_nll(logits, targets, pad_id, log_probs=torch.log(torch.softmax(logits, -1)))
+    total = nll[keep].sum()  # indexing, not multiplying: inf * 0 would be nan
+    return total if reduction == "sum" else total / keep.sum()
+
+
+def _loss_pad_zero(logits, targets, pad_id, reduction="mean"):
+    return _loss_ref({"logits": logits, "targets": targets, "pad_id": 0, "reduction": reduction})
+
+
+def _loss_always_mean(logits, targets, pad_id, reduction="mean"):
+    return _loss_ref({"logits": logits, "targets": targets, "pad_id": pad_id, "reduction": "mean"})
+
+
+LOSS = Check(
+    name="seq2seq_loss",
+    cases=(
+        Case("batch 2, T=5, vocabulary 7, padded, mean", lambda g: _loss_inputs(g, 2, 5, 7)),
+        Case("batch 3, T=6, vocabulary 10, padded, sum", lambda g: _loss_inputs(g, 3, 6, 10, reduction="sum")),
+        Case("batch 4, T=8, vocabulary 30, padded, mean", lambda g: _loss_inputs(g, 4, 8, 30)),
+        Case("no padding at all, mean", lambda g: _loss_inputs(g, 2, 4, 6, no_pad=True), hidden=True),
+        Case("pad id 3 (not 0), mean", lambda g: _loss_inputs(g, 4, 6, 9, pad_id=3), hidden=True),
+        Case("pad id 5 (not 0), sum", lambda g: _loss_inputs(g, 3, 7, 8, pad_id=5, reduction="sum"), hidden=True),
+        Case("large logits (+-300), mean", lambda g: _loss_inputs(g, 3, 5, 12, scale=300.0), hidden=True),
+        Case("batch 16, T=12, vocabulary 40, sum", lambda g: _loss_inputs(g, 16, 12, 40, reduction="sum"),
+             hidden=True),
+    ),
+    reference=_loss_ref,
+    tolerance=FP32_LOSS,
+    output_names=("loss",),
+    mistakes=(
+        Mistake("padding counted", _loss_pad_counted,
+                "the loss includes the padding positions: leave out every position whose target is pad_id."),
+        Mistake("mean over every position", _loss_mean_all_positions,
+                "you divided by the number of all positions, padding included: 'mean' divides the summed "
+                "loss by the number of real (non-pad) target tokens."),
+        Mistake("mean per sequence", _loss_mean_per_sequence,
+                "the result matches averaging within each sequence, then over the batch: 'mean' is "
+                "over all real tokens of the batch together (long sequences weigh more)."),
+        Mistake("log of softmax", _loss_log_of_softmax,
+                "log(softmax(x)) underflows to log(0) = -inf for large logits: use torch.log_softmax, "
+                "which computes x - logsumexp(x) stably."),
+        Mistake("pad id hard-coded", _loss_pad_zero,
+                "use the pad_id argument; the padding id is not always 0."),
+        Mistake("reduction ignored", _loss_always_mean,
+                "the result is the mean although reduction='sum' was asked for."),
+    ),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. beam search
+
+def _beam_ref(next_log_probs, beam_size, max_len, bos_id=BOS, eos_id=EOS):
+    prefixes = torch.full((1, 1), bos_id, dtype=torch.long)
+    scores = torch.zeros(1)
+    finished: list[tuple[float, torch.Tensor]] = []
+    for step in range(max_len):
+        log_probs = next_log_probs(prefixes)  # (live, V)
+        V = log_probs.shape[-1]
+        candidates = (scores[:, None] + log_probs).reshape(-1)
+        top_scores, top_idx = candidates.topk(min(beam_size, candidates.numel()))
+        rows, toks = top_idx // V, top_idx % V
+        new_prefixes = torch.cat([prefixes[rows], toks[:, None]], dim=1)
+        ended = (toks == eos_id) | (step == max_len - 1)
+        finished += [(float(s), p[1:]) for s, p, e in zip(top_scores, new_prefixes, ended) if e]
+        prefixes, scores = new_prefixes[~ended], top_scores[~ended]
+        if len(prefixes) == 0:
+            break
+    best_score, best = max(finished, key=lambda item: item[0])
+    return best, torch.tensor(best_score)
+
+
+def _beam_inputs(g, vocab_size, max_len, beam_size, sharpness=1.5):
+    scorer = TinyScorer(vocab_size, max_len, 1, sharpness=sharpness, generator=g)
+    return {"next_log_probs": scorer, "beam_size": beam_size, "max_len": max_len}
+
+
+def _describe_beam(inputs):
+    s = inputs["next_log_probs"]
+    return f"TinyScorer(vocab_size={s.vocab_size}), beam_size={inputs['beam_size']}, max_len={inputs['max_len']}"
+
+
+def _beam_best_by_brute_force(inputs):
+    s = inputs["next_log_probs"]
+    tokens, score = brute_force_best(s, s.vocab_size, inputs["max_len"])
+    return torch.tensor(tokens), torch.tensor(score)
+
+
+def _beam_one_is_greedy(inputs):
+    tokens, scores = _greedy_ref(inputs["next_log_probs"], 1, inputs["max_len"])
+    return tokens[0], scores[0]
+
+
+def _beam_length_normalised(next_log_probs, beam_size, max_len, bos_id=BOS, eos_id=EOS):
+    # The same search, but the final choice divides by the length.
+    prefixes = torch.full((1, 1), bos_id, dtype=torch.long)
+    scores = torch.zeros(1)
+    finished = []
+    for step in range(max_len):
+        log_probs = next_log_probs(prefixes)
+        V = log_probs.shape[-1]
+        top_scores, top_idx = (scores[:, None] + log_probs).reshape(-1).topk(min(beam_size, prefixes.shape[0] * V))
+        rows, toks = top_idx // V, top_idx % V
+        new_prefixes = torch.cat([prefixes[rows], toks[:, None]], dim=1)
+        ended = (toks == eos_id) | (step == max_len - 1)
+        finished += [(float(s), p[1:]) for s, p, e in zip(top_scores, new_prefixes, ended) if e]
+        prefixes, scores = new_prefixes[~ended], top_scores[~ended]
+        if len(prefixes) == 0:
+            break
+    score, best = max(finished, key=lambda item: item[0] / len(item[1]))
+    return best, torch.tensor(score)
+
+
+def _beam_never_finishes(next_log_probs, beam_size, max_len, bos_id=BOS, eos_id=EOS):
+    # EOS treated like any token: hypotheses are extended after it, and the best full-length one wins.
+    prefixes = torch.full((1, 1), bos_id, dtype=torch.long)
+    scores = torch.zeros(1)
+    for _ in range(max_len):
+        log_probs = next_log_probs(prefixes)
+        V = log_probs.shape[-1]
+        top_scores, top_idx = (scores[:, None] + log_probs).reshape(-1).topk(min(beam_size, prefixes.shape[0] * V))
+        prefixes = torch.cat([prefixes[top_idx // V], (top_idx % V)[:, None]], dim=1)
+        scores = top_scores
+    return prefixes[0, 1:], scores[0]
+
+
+def _beam_per_hypothesis(next_log_probs, beam_size, max_len, bos_id=BOS, eos_id=EOS):
+    # Each hypothesis keeps its own best continuations; the first beam_size of those survive, unsorted.
+    prefixes = torch.full((1, 1), bos_id, dtype=torch.long)
+    scores = torch.zeros(1)
+    finished = []
+    for step in range(max_len):
+        log_probs = next_log_probs(prefixes)
+        k = min(beam_size, log_probs.shape[-1])
+        top_lp, top_tok = log_probs.topk(k, dim=-1)
+        cand_scores = (scores[:, None] + top_lp).reshape(-1)[:beam_size]
+        rows = torch.arange(prefixes.shape[0]).repeat_interleave(k)[:beam_size]
+        toks = top_tok.reshape(-1)[:beam_size]
+        new_prefixes = torch.cat([prefixes[rows], toks[:, None]], dim=1)
+        ended = (toks == eos_id) | (step == max_len - 1)
+        finished += [(float(s), p[1:]) for s, p, e in zip(cand_scores, new_prefixes, ended) if e]
+        prefixes, scores = new_prefixes[~ended], cand_scores[~ended]
+        if len(prefixes) == 0:
+            break
+    score, best = max(finished, key=lambda item: item[0])
+    return best, torch.tensor(score)
+
+
+def _beam_last_score_only(next_log_probs, beam_size, max_len, bos_id=BOS, eos_id=EOS):
+    # Candidates ranked by the log-probability of their last token only.
+    prefixes = torch.full((1, 1), bos_id, dtype=torch.long)
+    finished = []
+    for step in range(max_len):
+        log_probs = next_log_probs(prefixes)
+        V = log_probs.shape[-1]
+        top_scores, top_idx = log_probs.reshape(-1).topk(min(beam_size, prefixes.shape[0] * V))
+        rows, toks = top_idx // V, top_idx % V
+        new_prefixes = torch.cat([prefixes[rows], toks[:, None]], dim=1)
+        ended = (toks == eos_id) | (step == max_len - 1)
+        finished += [(float(s), p[1:]) for s, p, e in zip(top_scores, new_prefixes, ended) if e]
+        prefixes = new_prefixes[~ended]
+        if len(prefixes) == 0:
+            break
+    score, best = max(finished, key=lambda item: item[0])
+    return best, torch.tensor(score)
+
+
+def _beam_reference(inputs):
+    """Brute-force enumeration, greedy decoding, or the reference beam, as the case says."""
+    kind = inputs.get("_reference", "beam")
+    clean = {k: v for k, v in inputs.items() if not k.startswith("_")}
+    if kind == "brute force":
+        return _beam_best_by_brute_force(clean)
+    if kind == "greedy":
+        return _beam_one_is_greedy(clean)
+    return _beam_ref(**clean)
+
+
+def _call_beam(impl, inputs):
+    return impl(**{k: v for k, v in inputs.items() if not k.startswith("_")})
+
+
+def _with_ref(kind, make):
+    def inner(g):
+        inputs = make(g)
+        inputs["_reference"] = kind
+        return inputs
+    return inner
+
+
+def _exhaustive(g, vocab_size, max_len):
+    # No pruning is possible when the beam can hold every hypothesis with finite score.
+    inputs = _beam_inputs(g, vocab_size, max_len, beam_size=(vocab_size - 2) ** max_len)
+    inputs["_reference"] = "brute force"
+    return inputs
+
+
+BEAM = Check(
+    name="beam_search",
+    cases=(
+        Case("beam_size 1 equals greedy (vocabulary 6, max_len 5)",
+             _with_ref("greedy", lambda g: _beam_inputs(g, 6, 5, 1))),
+        Case("a beam as wide as every hypothesis finds the brute-force best (vocabulary 6, max_len 4)",
+             lambda g: _exhaustive(g, 6, 4)),
+        Case("beam_size 2, vocabulary 6, max_len 5", lambda g: _beam_inputs(g, 6, 5, 2)),
+        Case("beam_size 3, vocabulary 7, max_len 5", lambda g: _beam_inputs(g, 7, 5, 3)),
+        Case("exhaustive beam, vocabulary 5, max_len 5, brute force", lambda g: _exhaustive(g, 5, 5), hidden=True),
+        Case("exhaustive beam, vocabulary 7, max_len 3, brute force", lambda g: _exhaustive(g, 7, 3), hidden=True),
+        Case("beam_size 4, vocabulary 9, max_len 6", lambda g: _beam_inputs(g, 9, 6, 4), hidden=True),
+        Case("beam_size 3, sharp model, max_len 6", lambda g: _beam_inputs(g, 6, 6, 3, sharpness=4.0),
+             hidden=True),
+        Case("beam_size 5, max_len 1", lambda g: _beam_inputs(g, 6, 1, 5), hidden=True),
+        Case("beam_size 1 equals greedy, vocabulary 10, max_len 6",
+             _with_ref("greedy", lambda g: _beam_inputs(g, 10, 6, 1)), hidden=True),
+    ),
+    reference=_beam_reference,
+    call=_call_beam,
+    tolerance=DECODE,
+    output_names=("tokens", "score"),
+    describe_inputs=_describe_beam,
+    mistakes=(
+        Mistake("length-normalised choice", _beam_length_normalised,
+                "the result matches choosing the finished hypothesis with the best score per token: "
+                "here the best hypothesis is the one with the highest total log-probability."),
+        Mistake("EOS does not finish a hypothesis", _beam_never_finishes,
+                "a hypothesis that ends with EOS is complete: move it out of the beam into the finished "
+                "list instead of extending it further."),
+        Mistake("candidates ranked per hypothesis", _beam_per_hypothesis,
+                "rank all (hypothesis, next token) candidates of a step together by their total score "
+                "and keep the beam_size best overall."),
+        Mistake("ranked by the last token only", _beam_last_score_only,
+                "a candidate's score is its hypothesis's score plus the new token's log-probability, "
+                "not the last log-probability alone."),
+    ),
+)
+
+
+CHECKS = CheckSet(CHAPTER, [GREEDY, CAUSAL, CROSS, LOSS, BEAM])
+check = CHECKS.check
