@@ -1,0 +1,323 @@
+"""Checks for chapter 08, multi-query and grouped-query attention.
+
+Conventions (stated in the notebook too): heads live on axis 1, so queries are (B, H, T_q, d_head)
+and keys/values (B, H_kv, T_k, d_head) with ``H % H_kv == 0``; query head ``h`` uses key/value head
+``h // (H // H_kv)`` -- consecutive query heads form a group (the layout of
+``F.scaled_dot_product_attention(..., enable_gqa=True)``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autograders.core import EXACT, Case, Check, CheckSet, Mistake, Tolerance, randn
+
+CHAPTER = "08_grouped_query_attention"
+
+FP32_ATTN = Tolerance(1e-4, 1e-4, "float32 attention compared with PyTorch's fused kernels, which order the "
+                                  "sums differently; the large-input cases make the softmax sharp")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. repeat_kv: (B, H_kv, T, d) -> (B, H_kv * n_rep, T, d), each head repeated n_rep times in a row
+
+def _kv_inputs(B, H_kv, T, d, n_rep, scale=1.0):
+    return lambda g: {"x": randn(g, B, H_kv, T, d, scale=scale), "n_rep": n_rep}
+
+
+def _repeat_tiled(x, n_rep):
+    return x.repeat(1, n_rep, 1, 1)
+
+
+def _repeat_time_axis(x, n_rep):
+    return torch.repeat_interleave(x, n_rep, dim=2)
+
+
+def _repeat_expand_wrong_axis(x, n_rep):
+    B, H, T, d = x.shape
+    return x[:, :, :, None, :].expand(B, H, T, n_rep, d).reshape(B, H * n_rep, T, d)
+
+
+REPEAT_KV = Check(
+    name="repeat_kv",
+    cases=(
+        Case("2 KV heads repeated twice", _kv_inputs(1, 2, 3, 4, 2)),
+        Case("3 KV heads repeated 2 times, batch 2", _kv_inputs(2, 3, 5, 4, 2)),
+        Case("MQA: one KV head repeated 4 times", _kv_inputs(2, 1, 5, 4, 4), hidden=True),
+        Case("n_rep=1 leaves the tensor as it is", _kv_inputs(2, 4, 3, 8, 1), hidden=True),
+        Case("4 KV heads repeated 3 times, T=1", _kv_inputs(3, 4, 1, 8, 3), hidden=True),
+    ),
+    reference=lambda inputs: torch.repeat_interleave(inputs["x"], inputs["n_rep"], dim=1),
+    tolerance=EXACT,
+    mistakes=(
+        Mistake("tiled", _repeat_tiled,
+                "your heads come out tiled as [kv0, kv1, kv0, kv1, ...]: query head h belongs to group "
+                "h // n_rep, so each KV head must be repeated n_rep times IN A ROW [kv0, kv0, kv1, kv1, ...] "
+                "(torch.repeat_interleave along dim=1, or x[:, :, None].expand(...).reshape(...))."),
+        Mistake("time axis", _repeat_time_axis,
+                "you repeated along the time axis (dim=2); the heads are on dim=1."),
+        Mistake("expand after the time axis", _repeat_expand_wrong_axis,
+                "the new axis was inserted after the time axis, so the reshape mixes time steps into "
+                "heads: insert it right after the head axis, x[:, :, None, :, :]."),
+    ),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. grouped_query_attention(q, k, v, causal) == F.scaled_dot_product_attention(..., enable_gqa=True)
+
+def _gqa_inputs(B, H, H_kv, T_q, T_k, d, causal, scale=1.0):
+    def make(g):
+        return {"q": randn(g, B, H, T_q, d, scale=scale), "k": randn(g, B, H_kv, T_k, d, scale=scale),
+                "v": randn(g, B, H_kv, T_k, d), "causal": causal}
+    return make
+
+
+def _gqa_ref(inputs):
+    return F.scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"],
+                                          is_causal=inputs["causal"], enable_gqa=True)
+
+
+def _gqa_generic(q, k, v, causal, *, tiled=False, scale=True, use_mask=True, upper=False):
+    n_rep = q.shape[1] // k.shape[1]
+    if tiled:
+        k, v = k.repeat(1, n_rep, 1, 1), v.repeat(1, n_rep, 1, 1)
+    else:
+        k, v = k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1)
+    s = q @ k.transpose(-2, -1)
+    if scale:
+        s = s / math.sqrt(q.shape[-1])
+    if causal and use_mask:
+        T_q, T_k = s.shape[-2:]
+        allowed = torch.ones(T_q, T_k, dtype=torch.bool).tril()
+        if upper:
+            allowed = torch.ones(T_q, T_k, dtype=torch.bool).triu()
+        s = s.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+GQA = Check(
+    name="grouped_query_attention",
+    cases=(
+        Case("GQA: 4 query heads, 2 KV heads, T=5, d=8", _gqa_inputs(1, 4, 2, 5, 5, 8, False)),
+        Case("MQA: 4 query heads, 1 KV head, batch 2, causal", _gqa_inputs(2, 4, 1, 6, 6, 8, True)),
+        Case("MHA: 3 query heads, 3 KV heads, causal (plain multi-head attention)",
+             _gqa_inputs(2, 3, 3, 4, 4, 8, True), hidden=True),
+        Case("one new query against 7 cached keys (decoding), 8 heads, 2 KV heads",
+             _gqa_inputs(2, 8, 2, 1, 7, 16, False), hidden=True),
+        Case("6 query heads, 3 KV heads, T=9, causal, large inputs",
+             _gqa_inputs(3, 6, 3, 9, 9, 16, True, scale=4.0), hidden=True),
+        Case("4 query heads, 2 KV heads, 3 queries, 6 keys, no mask", _gqa_inputs(1, 4, 2, 3, 6, 4, False),
+             hidden=True),
+    ),
+    reference=_gqa_ref,
+    tolerance=FP32_ATTN,
+    mistakes=(
+        Mistake("tiled KV heads", lambda q, k, v, causal=False: _gqa_generic(q, k, v, causal, tiled=True),
+                "the result matches KV heads tiled as [kv0, kv1, kv0, kv1, ...]: query head h must use KV "
+                "head h // (H // H_kv) -- consecutive query heads share one KV head (repeat_interleave)."),
+        Mistake("no scale", lambda q, k, v, causal=False: _gqa_generic(q, k, v, causal, scale=False),
+                "the result matches attention without the 1/sqrt(d_head) scale on the scores."),
+        Mistake("mask ignored", lambda q, k, v, causal=False: _gqa_generic(q, k, v, causal, use_mask=False),
+                "the result matches attention without the causal mask: with causal=True query i may "
+                "only see keys 0..i."),
+        Mistake("upper mask", lambda q, k, v, causal=False: _gqa_generic(q, k, v, causal, upper=True),
+                "the result matches a mask that lets query i see keys i..T-1 (the future): keep the "
+                "LOWER triangle (torch.tril) and fill the rest with -inf."),
+    ),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. kv_cache_bytes: the size of the cache, against the bytes of real (meta) tensors of that shape
+
+_DTYPES = {1: torch.int8, 2: torch.float16, 4: torch.float32, 8: torch.float64}
+
+
+def _cache_ref(inputs):
+    """Allocate the cache's tensors on the meta device (no memory) and add up their ``nbytes``."""
+    d_head = inputs["d_model"] // inputs["n_head"]
+    shape = (inputs["batch"], inputs["n_kv_head"], inputs["seq_len"], d_head)
+    dtype = _DTYPES[inputs["bytes_per_element"]]
+    tensors = [torch.empty(shape, dtype=dtype, device="meta")
+               for _layer in range(inputs["n_layer"]) for _k_or_v in range(2)]
+    return sum(t.nbytes for t in tensors)
+
+
+def _cache_case(n_layer, n_head, n_kv_head, d_model, batch, seq_len, bytes_per_element):
+    return lambda g: {"n_layer": n_layer, "n_head": n_head, "n_kv_head": n_kv_head, "d_model": d_model,
+                      "batch": batch, "seq_len": seq_len, "bytes_per_element": bytes_per_element}
+
+
+def _random_cache_case(g):
+    n_head = int(torch.randint(1, 5, (), generator=g)) * 4
+    n_kv_head = [1, 2, 4][int(torch.randint(0, 3, (), generator=g))]
+    return {"n_layer": int(torch.randint(1, 13, (), generator=g)), "n_head": n_head, "n_kv_head": n_kv_head,
+            "d_model": n_head * 16, "batch": int(torch.randint(1, 9, (), generator=g)),
+            "seq_len": int(torch.randint(1, 2049, (), generator=g)), "bytes_per_element": 4}
+
+
+def _cache_formula(n_layer, n_head, n_kv_head, d_model, batch, seq_len, bytes_per_element, *,
+                   kv=2, heads="kv", layers=True, bits=False):
+    d_head = d_model // n_head
+    h = n_kv_head if heads == "kv" else n_head
+    total = kv * (n_layer if layers else 1) * batch * seq_len * h * d_head * bytes_per_element
+    return total * (8 if bits else 1)
+
+
+KV_CACHE = Check(
+    name="kv_cache_bytes",
+    cases=(
+        Case("MHA: 4 layers, 8 heads, d_model=256, batch 1, 128 tokens, float32",
+             _cache_case(4, 8, 8, 256, 1, 128, 4)),
+        Case("GQA: 32 layers, 32 heads, 8 KV heads, d_model=4096, batch 1, 4096 tokens, float16",
+             _cache_case(32, 32, 8, 4096, 1, 4096, 2)),
+        Case("MQA: 12 layers, 12 heads, 1 KV head, d_model=768, batch 8, 1024 tokens, float32",
+             _cache_case(12, 12, 1, 768, 8, 1024, 4), hidden=True),
+        Case("80 layers, 64 heads, 8 KV heads, d_model=8192, batch 16, 4096 tokens, float16",
+             _cache_case(80, 64, 8, 8192, 16, 4096, 2), hidden=True),
+        Case("int8 cache, 2 layers, 4 heads, 2 KV heads, batch 3, 5 tokens", _cache_case(2, 4, 2, 64, 3, 5, 1),
+             hidden=True),
+        Case("an empty cache (seq_len=0)", _cache_case(4, 8, 2, 256, 2, 0, 4), hidden=True),
+        Case("a random configuration", _random_cache_case, hidden=True),
+    ),
+    reference=_cache_ref,
+    tolerance=EXACT,
+    mistakes=(
+        Mistake("query heads", lambda **kw: _cache_formula(**kw, heads="q"),
+                "your size matches n_head key/value heads: only n_kv_head heads are stored -- that is "
+                "the whole point of GQA/MQA."),
+        Mistake("keys only", lambda **kw: _cache_formula(**kw, kv=1),
+                "your size is half the right one: the cache stores keys AND values (a factor 2)."),
+        Mistake("one layer", lambda **kw: _cache_formula(**kw, layers=False),
+                "your size matches a single layer: every layer keeps its own keys and values."),
+        Mistake("bits", lambda **kw: _cache_formula(**kw, bits=True),
+                "your size is 8x too large: count bytes (bytes_per_element), not bits."),
+    ),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. GroupedQueryAttention module; with n_kv_head == n_head it is nn.MultiheadAttention
+
+def _module_inputs(B, T, d_model, n_head, n_kv_head, causal, scale=1.0):
+    def make(g):
+        d_kv = n_kv_head * (d_model // n_head)
+        return {"x": randn(g, B, T, d_model, scale=scale), "d_model": d_model, "n_head": n_head,
+                "n_kv_head": n_kv_head, "causal": causal,
+                # nn.Linear layout: (out_features, in_features)
+                "W_q": randn(g, d_model, d_model, scale=d_model ** -0.5),
+                "W_k": randn(g, d_kv, d_model, scale=d_model ** -0.5),
+                "W_v": randn(g, d_kv, d_model, scale=d_model ** -0.5),
+                "W_o": randn(g, d_model, d_model, scale=d_model ** -0.5)}
+    return make
+
+
+def _call_module(impl, inputs):
+    module = impl(inputs["d_model"], inputs["n_head"], inputs["n_kv_head"])
+    for name in ("W_q", "W_k", "W_v", "W_o"):
+        layer = getattr(module, name, None)
+        if layer is None or not hasattr(layer, "weight"):
+            raise AttributeError(f"GroupedQueryAttention must keep its projection {name} as an nn.Linear "
+                                 f"attribute (self.{name}), as in the given __init__")
+        if tuple(layer.weight.shape) != tuple(inputs[name].shape):
+            raise ValueError(f"self.{name}.weight has shape {tuple(layer.weight.shape)}, expected "
+                             f"{tuple(inputs[name].shape)} (out_features, in_features)")
+        layer.weight.copy_(inputs[name])
+    return module(inputs["x"], causal=inputs["causal"])
+
+
+def _module_ref(inputs):
+    x, H, H_kv = inputs["x"], inputs["n_head"], inputs["n_kv_head"]
+    B, T, d_model = x.shape
+    if H == H_kv:  # plain multi-head attention: PyTorch's own module with the same weights
+        mha = nn.MultiheadAttention(d_model, H, bias=False, batch_first=True)
+        mha.in_proj_weight.copy_(torch.cat([inputs["W_q"], inputs["W_k"], inputs["W_v"]]))
+        mha.out_proj.weight.copy_(inputs["W_o"])
+        mha.eval()
+        mask = torch.ones(T, T, dtype=torch.bool).triu(1) if inputs["causal"] else None  # True = blocked
+        return mha(x, x, x, attn_mask=mask, need_weights=False)[0]
+    d = d_model // H
+    q = (x @ inputs["W_q"].T).view(B, T, H, d).transpose(1, 2)
+    k = (x @ inputs["W_k"].T).view(B, T, H_kv, d).transpose(1, 2)
+    v = (x @ inputs["W_v"].T).view(B, T, H_kv, d).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=inputs["causal"], enable_gqa=True)
+    return out.transpose(1, 2).reshape(B, T, d_model) @ inputs["W_o"].T
+
+
+class _ModuleBase(nn.Module):
+    def __init__(self, d_model, n_head, n_kv_head):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.d_head = n_head, n_kv_head, d_model // n_head
+        self.W_q = nn.Linear(d_model, d_model, bias=False)
+        self.W_k = nn.Linear(d_model, n_kv_head * self.d_head, bias=False)
+        self.W_v = nn.Linear(d_model, n_kv_head * self.d_head, bias=False)
+        self.W_o = nn.Linear(d_model, d_model, bias=False)
+
+    def heads(self, x, n, split="transpose"):
+        B, T, _ = x.shape
+        if split == "transpose":
+            return x.view(B, T, n, self.d_head).transpose(1, 2)
+        return x.reshape(B, n, T, self.d_head)  # mixes time steps and heads
+
+    def run(self, x, causal, split="transpose", tiled=False, project=True):
+        B, T, _ = x.shape
+        q = self.heads(self.W_q(x), self.n_head, split)
+        k = self.heads(self.W_k(x), self.n_kv_head, split)
+        v = self.heads(self.W_v(x), self.n_kv_head, split)
+        out = _gqa_generic(q, k, v, causal, tiled=tiled)
+        out = out.transpose(1, 2).reshape(B, T, -1)
+        return self.W_o(out) if project else out
+
+
+class _HeadsWithoutTranspose(_ModuleBase):
+    def forward(self, x, causal=True):
+        return self.run(x, causal, split="reshape")
+
+
+class _TiledModule(_ModuleBase):
+    def forward(self, x, causal=True):
+        return self.run(x, causal, tiled=True)
+
+
+class _NoOutputProjection(_ModuleBase):
+    def forward(self, x, causal=True):
+        return self.run(x, causal, project=False)
+
+
+MODULE = Check(
+    name="GroupedQueryAttention",
+    cases=(
+        Case("GQA: d_model=16, 4 heads, 2 KV heads, batch 2, T=5, causal", _module_inputs(2, 5, 16, 4, 2, True)),
+        Case("MHA: d_model=16, 4 heads, 4 KV heads, causal (vs nn.MultiheadAttention)",
+             _module_inputs(2, 5, 16, 4, 4, True)),
+        Case("MQA: d_model=32, 8 heads, 1 KV head, T=7, causal", _module_inputs(2, 7, 32, 8, 1, True), hidden=True),
+        Case("GQA: d_model=24, 6 heads, 3 KV heads, no mask", _module_inputs(3, 6, 24, 6, 3, False), hidden=True),
+        Case("MHA: d_model=12, 3 heads, no mask (vs nn.MultiheadAttention)",
+             _module_inputs(1, 4, 12, 3, 3, False), hidden=True),
+        Case("a single position (T=1), 4 heads, 2 KV heads", _module_inputs(2, 1, 16, 4, 2, True), hidden=True),
+        Case("large inputs, 8 heads, 2 KV heads, causal", _module_inputs(2, 6, 32, 8, 2, True, scale=4.0),
+             hidden=True),
+    ),
+    reference=_module_ref,
+    call=_call_module,
+    tolerance=FP32_ATTN,
+    mistakes=(
+        Mistake("heads without transpose", _HeadsWithoutTranspose,
+                "the result matches splitting heads with a plain reshape to (B, H, T, d_head): that mixes "
+                "time steps and heads. View as (B, T, H, d_head) first, then transpose(1, 2)."),
+        Mistake("tiled KV heads", _TiledModule,
+                "the result matches KV heads tiled as [kv0, kv1, kv0, kv1, ...]: query head h uses KV "
+                "head h // (n_head // n_kv_head)."),
+        Mistake("no output projection", _NoOutputProjection,
+                "the result matches the attention output before W_o: finish with the output projection."),
+    ),
+)
+
+
+CHECKS = CheckSet(CHAPTER, [REPEAT_KV, GQA, KV_CACHE, MODULE])
+check = CHECKS.check

@@ -1,0 +1,228 @@
+"""Chapter 08: the solution passes every check; plausible wrong answers and the stub are rejected."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autograders import grouped_query_attention as ag
+from checks_support import assert_accepts, assert_rejects
+from notebook_code import load_solutions, not_implemented
+
+sol = load_solutions(ag.CHAPTER)
+
+
+def test_every_exercise_has_a_check():
+    assert set(ag.CHECKS.checks) == {"kv_cache_bytes", "repeat_kv", "grouped_query_attention",
+                                     "GroupedQueryAttention"}
+
+
+@pytest.mark.parametrize("name", list(ag.CHECKS.checks))
+def test_solution_passes(name):
+    assert_accepts(ag.CHECKS, name, getattr(sol, name))
+
+
+@pytest.mark.parametrize("name", ["kv_cache_bytes", "repeat_kv", "grouped_query_attention"])
+def test_stub_fails(name):
+    text = assert_rejects(ag.CHECKS, name, not_implemented)
+    assert "not implemented yet" in text
+
+
+def test_stub_module_fails():
+    class Stub(sol.GroupedQueryAttention):
+        def forward(self, x, causal=True):
+            raise NotImplementedError()
+    assert "not implemented yet" in assert_rejects(ag.CHECKS, "GroupedQueryAttention", Stub)
+
+
+def test_reference_cache_matches_coursekit_gpt():
+    """The meta-tensor reference and the shared GPT's own formula agree with real cache tensors."""
+    from coursekit.gpt import GPT, GPTConfig, kv_cache_bytes
+    config = GPTConfig(vocab_size=11, d_model=32, n_layer=2, n_head=4, n_kv_head=2, max_len=16)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        _, past = model(torch.zeros(3, 5, dtype=torch.long), use_cache=True)
+    measured = sum(k.nbytes + v.nbytes for k, v in past)
+    inputs = {"n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32, "batch": 3, "seq_len": 5,
+              "bytes_per_element": 4}
+    assert ag._cache_ref(inputs) == measured == kv_cache_bytes(config, 3, 5) == sol.kv_cache_bytes(**inputs)
+
+
+# --- kv_cache_bytes -----------------------------------------------------------------------------
+
+def cache_query_heads(n_layer, n_head, n_kv_head, d_model, batch, seq_len, bytes_per_element):
+    return 2 * n_layer * batch * seq_len * d_model * bytes_per_element
+
+
+def cache_no_two(n_layer, n_head, n_kv_head, d_model, batch, seq_len, bytes_per_element):
+    return n_layer * batch * seq_len * n_kv_head * (d_model // n_head) * bytes_per_element
+
+
+def cache_one_layer(n_layer, n_head, n_kv_head, d_model, batch, seq_len, bytes_per_element):
+    return 2 * batch * seq_len * n_kv_head * (d_model // n_head) * bytes_per_element
+
+
+def cache_elements(n_layer, n_head, n_kv_head, d_model, batch, seq_len, bytes_per_element):
+    return 2 * n_layer * batch * seq_len * n_kv_head * (d_model // n_head)
+
+
+def cache_bits(n_layer, n_head, n_kv_head, d_model, batch, seq_len, bytes_per_element):
+    return 8 * sol.kv_cache_bytes(n_layer, n_head, n_kv_head, d_model, batch, seq_len, bytes_per_element)
+
+
+def cache_head_size_from_kv_heads(n_layer, n_head, n_kv_head, d_model, batch, seq_len, bytes_per_element):
+    return 2 * n_layer * batch * seq_len * n_kv_head * (d_model // n_kv_head) * bytes_per_element
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (cache_query_heads, "only n_kv_head heads"),
+    (cache_no_two, "keys AND values"),
+    (cache_one_layer, "every layer"),
+    (cache_elements, None),
+    (cache_bits, "not bits"),
+    (cache_head_size_from_kv_heads, None),
+])
+def test_cache_rejects(wrong, hint):
+    assert_rejects(ag.CHECKS, "kv_cache_bytes", wrong, hint)
+
+
+# --- repeat_kv ----------------------------------------------------------------------------------
+
+def repeat_tiled(x, n_rep):
+    return torch.cat([x] * n_rep, dim=1)
+
+
+def repeat_time(x, n_rep):
+    return x.repeat_interleave(n_rep, dim=2)
+
+
+def repeat_wrong_expand(x, n_rep):
+    B, H, T, d = x.shape
+    return x[:, None].expand(B, n_rep, H, T, d).reshape(B, H * n_rep, T, d)
+
+
+def repeat_nothing(x, n_rep):
+    return x
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (repeat_tiled, "IN A ROW"),
+    (repeat_time, "shape"),
+    (repeat_wrong_expand, "IN A ROW"),
+    (repeat_nothing, "shape"),
+])
+def test_repeat_rejects(wrong, hint):
+    assert_rejects(ag.CHECKS, "repeat_kv", wrong, hint)
+
+
+# --- grouped_query_attention --------------------------------------------------------------------
+
+def gqa_tiled(q, k, v, causal=False):
+    n = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k.repeat(1, n, 1, 1), v.repeat(1, n, 1, 1), is_causal=causal)
+
+
+def gqa_no_scale(q, k, v, causal=False):
+    n = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(n, 1), v.repeat_interleave(n, 1)
+    s = q @ k.transpose(-2, -1)
+    if causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+def gqa_ignores_causal(q, k, v, causal=False):
+    return sol.grouped_query_attention(q, k, v, causal=False)
+
+
+def gqa_first_kv_head_only(q, k, v, causal=False):  # MQA for everything
+    return sol.grouped_query_attention(q, k[:, :1], v[:, :1], causal=causal)
+
+
+def gqa_softmax_over_queries(q, k, v, causal=False):
+    n = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(n, 1), v.repeat_interleave(n, 1)
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+    return torch.softmax(s, -2).nan_to_num() @ v
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (gqa_tiled, "h // (H // H_kv)"),
+    (gqa_no_scale, "1/sqrt(d_head)"),
+    (gqa_ignores_causal, "without the causal mask"),
+    (gqa_first_kv_head_only, None),
+    (gqa_softmax_over_queries, None),
+])
+def test_gqa_rejects(wrong, hint):
+    assert_rejects(ag.CHECKS, "grouped_query_attention", wrong, hint)
+
+
+# --- GroupedQueryAttention ----------------------------------------------------------------------
+
+class NoTranspose(sol.GroupedQueryAttention):
+    def forward(self, x, causal=True):
+        B, T, d = x.shape
+        q = self.W_q(x).reshape(B, self.n_head, T, self.d_head)
+        k = self.W_k(x).reshape(B, self.n_kv_head, T, self.d_head)
+        v = self.W_v(x).reshape(B, self.n_kv_head, T, self.d_head)
+        out = sol.grouped_query_attention(q, k, v, causal)
+        return self.W_o(out.transpose(1, 2).reshape(B, T, d))
+
+
+class NoOutputProjection(sol.GroupedQueryAttention):
+    def forward(self, x, causal=True):
+        B, T, d = x.shape
+        q = self.W_q(x).view(B, T, self.n_head, self.d_head).transpose(1, 2)
+        k = self.W_k(x).view(B, T, self.n_kv_head, self.d_head).transpose(1, 2)
+        v = self.W_v(x).view(B, T, self.n_kv_head, self.d_head).transpose(1, 2)
+        return sol.grouped_query_attention(q, k, v, causal).transpose(1, 2).reshape(B, T, d)
+
+
+class MergeWithoutTranspose(sol.GroupedQueryAttention):
+    def forward(self, x, causal=True):
+        B, T, d = x.shape
+        q = self.W_q(x).view(B, T, self.n_head, self.d_head).transpose(1, 2)
+        k = self.W_k(x).view(B, T, self.n_kv_head, self.d_head).transpose(1, 2)
+        v = self.W_v(x).view(B, T, self.n_kv_head, self.d_head).transpose(1, 2)
+        return self.W_o(sol.grouped_query_attention(q, k, v, causal).reshape(B, T, d))
+
+
+class AlwaysCausal(sol.GroupedQueryAttention):
+    def forward(self, x, causal=True):
+        return super().forward(x, True)
+
+
+class RenamedOutput(nn.Module):
+    def __init__(self, d_model, n_head, n_kv_head):
+        super().__init__()
+        d_kv = n_kv_head * (d_model // n_head)
+        self.W_q = nn.Linear(d_model, d_model, bias=False)
+        self.W_k = nn.Linear(d_model, d_kv, bias=False)
+        self.W_v = nn.Linear(d_model, d_kv, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x, causal=True):
+        return x
+
+
+class FullSizeKV(sol.GroupedQueryAttention):  # K/V projections of MHA size
+    def __init__(self, d_model, n_head, n_kv_head):
+        super().__init__(d_model, n_head, n_head)
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (NoTranspose, "plain reshape"),
+    (NoOutputProjection, "before W_o"),
+    (MergeWithoutTranspose, None),
+    (AlwaysCausal, None),
+    (RenamedOutput, "self.W_o"),
+    (FullSizeKV, "out_features, in_features"),
+])
+def test_module_rejects(wrong, hint):
+    assert_rejects(ag.CHECKS, "GroupedQueryAttention", wrong, hint)
