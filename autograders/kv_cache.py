@@ -1,0 +1,428 @@
+"""Checks for chapter 07, the KV cache.
+
+Conventions (stated in the notebook too): keys, values and queries are laid out as
+``(B, n_head, T, d_head)``, the layout of ``F.scaled_dot_product_attention`` and of the cache of
+``coursekit.gpt`` and of Hugging Face ``transformers``; a layer's cache is a pair ``(k, v)``, a model's
+cache a list with one pair per layer; ``None`` means "nothing cached yet".
+
+References: ``transformers.DynamicCache.update`` for the append, full causal attention recomputed
+over the whole sequence for attention over the cache, and ``coursekit.gpt.GPT`` run on the whole
+sequence without a cache for the model's forward pass and for greedy generation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from autograders.core import EXACT, Case, Check, CheckSet, Mistake, Tolerance, randn
+from coursekit.gpt import GPT, GPTConfig, generate
+
+CHAPTER = "07_kv_cache"
+
+FP32 = Tolerance(1e-5, 1e-4, "float32 attention over a few dozen keys; a different but correct order of "
+                             "operations (a fused kernel, a masked softmax) differs by ~1e-6")
+FP32_MODEL = Tolerance(2e-5, 1e-4, "float32 through a few transformer layers; one token at a time and the whole "
+                                   "sequence at once use different kernels and differ by ~1e-6 per layer")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. append to a layer's cache
+
+def _chunks(g, B, H, d, lengths, scale=1.0):
+    return {"chunks": [(randn(g, B, H, t, d, scale=scale), randn(g, B, H, t, d, scale=scale)) for t in lengths]}
+
+
+def _call_append(impl, inputs):
+    past = None
+    for k_new, v_new in inputs["chunks"]:
+        result = impl(past, k_new.clone(), v_new.clone())
+        if not isinstance(result, (tuple, list)) or len(result) != 2:
+            raise TypeError(f"append_kv must return a pair (k, v), got a {type(result).__name__}")
+        past = tuple(result)
+    return past
+
+
+def _append_ref(inputs):
+    from transformers import DynamicCache  # the cache class transformers' models use
+
+    cache = DynamicCache()
+    for k_new, v_new in inputs["chunks"]:
+        k, v = cache.update(k_new, v_new, layer_idx=0)
+    return k, v
+
+
+def _append_describe(inputs):
+    B, H, _, d = inputs["chunks"][0][0].shape
+    return f"B={B}, heads={H}, d_head={d}, appended chunks of lengths {[k.shape[2] for k, _ in inputs['chunks']]}"
+
+
+def _append_on(dim, new_first=False):
+    def wrong(past, k_new, v_new):
+        if past is None:
+            return k_new, v_new
+        parts = lambda old, new: [new, old] if new_first else [old, new]  # noqa: E731
+        return torch.cat(parts(past[0], k_new), dim=dim), torch.cat(parts(past[1], v_new), dim=dim)
+    return wrong
+
+
+def _append_forgets(past, k_new, v_new):
+    return k_new, v_new
+
+
+def _append_swaps(past, k_new, v_new):
+    if past is None:
+        return k_new, v_new
+    return torch.cat([past[0], v_new], dim=2), torch.cat([past[1], k_new], dim=2)
+
+
+APPEND = Check(
+    name="append_kv",
+    cases=(
+        Case("empty cache, then one token", lambda g: _chunks(g, 1, 2, 4, [1, 1])),
+        Case("a prompt of 5, then 3 single tokens", lambda g: _chunks(g, 1, 4, 8, [5, 1, 1, 1])),
+        Case("batch 2, prompt of 4, then a chunk of 3, then one token", lambda g: _chunks(g, 2, 3, 8, [4, 3, 1]),
+             hidden=True),
+        Case("only the prompt (nothing cached before)", lambda g: _chunks(g, 3, 2, 4, [6]), hidden=True),
+        Case("batch 3, 8 heads, d_head=16, ten single tokens", lambda g: _chunks(g, 3, 8, 16, [1] * 10),
+             hidden=True),
+    ),
+    reference=_append_ref,
+    call=_call_append,
+    tolerance=EXACT,
+    output_names=("k", "v"),
+    describe_inputs=_append_describe,
+    mistakes=(
+        Mistake("new before old", _append_on(2, new_first=True),
+                "the new entries are in front of the old ones: append at the END of the time axis "
+                "(torch.cat([old, new], dim=2)), so position t stays at index t."),
+        Mistake("appended along the head axis", _append_on(1),
+                "you concatenated along axis 1, the heads: the cache grows along the time axis, dim=2 "
+                "of (B, n_head, T, d_head)."),
+        Mistake("appended along the feature axis", _append_on(-1),
+                "you concatenated along the last axis (d_head): the cache grows along the time axis, dim=2."),
+        Mistake("forgets the past", _append_forgets,
+                "only the newest entries are returned: concatenate the cached keys/values with the new ones."),
+        Mistake("keys and values swapped", _append_swaps,
+                "keys end up in the value cache and values in the key cache: append k_new to past[0] and "
+                "v_new to past[1]."),
+    ),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. attention of the newest queries over the whole cache
+
+def _attn_inputs(g, B, H, T_k, T_q, d, scale=1.0):
+    q_all = randn(g, B, H, T_k, d, scale=scale)
+    return {"q": q_all[:, :, T_k - T_q:].clone(), "k": randn(g, B, H, T_k, d, scale=scale),
+            "v": randn(g, B, H, T_k, d), "q_all": q_all}
+
+
+def _call_attend(impl, inputs):
+    return impl(inputs["q"], inputs["k"], inputs["v"])
+
+
+def _attend_ref(inputs):
+    # Recompute causal attention for the WHOLE sequence and keep the rows of the newest queries.
+    q_all, k, v = inputs["q_all"], inputs["k"], inputs["v"]
+    T_q = inputs["q"].shape[2]
+    return F.scaled_dot_product_attention(q_all, k, v, is_causal=True)[:, :, q_all.shape[2] - T_q:]
+
+
+def _attend_describe(inputs):
+    B, H, T_q, d = inputs["q"].shape
+    return f"B={B}, heads={H}, {T_q} new quer{'y' if T_q == 1 else 'ies'}, {inputs['k'].shape[2]} keys, d_head={d}"
+
+
+def _attend_top_left(q, k, v):  # what is_causal=True does when T_q < T_k
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _attend_no_mask(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _attend_unscaled(q, k, v):
+    T_q, T_k = q.shape[2], k.shape[2]
+    mask = torch.ones(T_q, T_k, dtype=torch.bool).tril(T_k - T_q)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+
+
+def _attend_softmax_wrong_axis(q, k, v):
+    T_q, T_k = q.shape[2], k.shape[2]
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~torch.ones(T_q, T_k, dtype=torch.bool).tril(T_k - T_q), float("-inf"))
+    w = torch.softmax(s, dim=-2).nan_to_num(0.0)
+    return w @ v
+
+
+def _attend_excludes_self(q, k, v):  # off by one: the newest query may not see its own key
+    T_q, T_k = q.shape[2], k.shape[2]
+    mask = torch.ones(T_q, T_k, dtype=torch.bool).tril(T_k - T_q - 1)
+    s = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).masked_fill(~mask, float("-inf"))
+    return torch.softmax(s, dim=-1).nan_to_num(0.0) @ v
+
+
+ATTEND = Check(
+    name="attend_with_cache",
+    cases=(
+        Case("decode: 1 query over 6 cached keys", lambda g: _attn_inputs(g, 1, 2, 6, 1, 8)),
+        Case("prefill: 5 queries over their own 5 keys", lambda g: _attn_inputs(g, 1, 2, 5, 5, 8)),
+        Case("a chunk of 3 queries over 7 keys", lambda g: _attn_inputs(g, 1, 4, 7, 3, 8)),
+        Case("batch 2, 4 queries over 11 keys", lambda g: _attn_inputs(g, 2, 3, 11, 4, 16), hidden=True),
+        Case("batch 3, 1 query over 1 key", lambda g: _attn_inputs(g, 3, 2, 1, 1, 4), hidden=True),
+        Case("large scores: 2 queries over 9 keys, inputs x4", lambda g: _attn_inputs(g, 2, 2, 9, 2, 8, scale=4.0),
+             hidden=True),
+        Case("decode over a long cache: 1 query over 40 keys, d_head=32",
+             lambda g: _attn_inputs(g, 2, 4, 40, 1, 32), hidden=True),
+    ),
+    reference=_attend_ref,
+    call=_call_attend,
+    tolerance=FP32,
+    describe_inputs=_attend_describe,
+    mistakes=(
+        Mistake("top-left causal mask", _attend_top_left,
+                "your result matches a causal mask aligned to the top-left (what is_causal=True does in "
+                "F.scaled_dot_product_attention when there are fewer queries than keys): query i is at "
+                "position T_k - T_q + i and may see keys 0 .. T_k - T_q + i."),
+        Mistake("no mask", _attend_no_mask,
+                "your result matches attention without a mask: with several new queries, earlier ones "
+                "must not see the keys of later ones."),
+        Mistake("no scale", _attend_unscaled,
+                "your result matches attention without the 1/sqrt(d_head) scale on the scores."),
+        Mistake("softmax over the queries", _attend_softmax_wrong_axis,
+                "your result matches a softmax over the queries (axis -2): normalise each query's "
+                "scores over the keys (the last axis)."),
+        Mistake("query cannot see itself", _attend_excludes_self,
+                "your mask hides each query's own key (off by one): a query attends to its own position too."),
+    ),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3-4. a GPT's forward pass with the cache, and greedy generation with it
+
+def _model(g, vocab=23, d_model=32, n_layer=2, n_head=4, max_len=64):
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT(GPTConfig(vocab_size=vocab, d_model=d_model, n_layer=n_layer, n_head=n_head,
+                              max_len=max_len)).eval()
+        with torch.no_grad():
+            # Larger embeddings than GPT-2's init: well separated logits, so greedy choices are clear-cut.
+            model.tok_emb.weight.normal_(0.0, 1.0)
+            model.pos_emb.weight.normal_(0.0, 0.5)
+    return model
+
+
+def _forward_inputs(g, B, T_past, T_new, **config):
+    model = _model(g, **config)
+    V = model.config.vocab_size
+    idx_past = torch.randint(0, V, (B, T_past), generator=g) if T_past else None
+    return {"model": model, "idx_past": idx_past, "idx_new": torch.randint(0, V, (B, T_new), generator=g)}
+
+
+def _stack_cache(cache, n_layer):
+    if not isinstance(cache, (list, tuple)) or len(cache) != n_layer:
+        raise TypeError(f"the cache must be a list with one (k, v) pair per layer ({n_layer}), got "
+                        f"{type(cache).__name__}{'' if not hasattr(cache, '__len__') else f' of length {len(cache)}'}")
+    return torch.stack([kv[0] for kv in cache]), torch.stack([kv[1] for kv in cache])
+
+
+def _call_forward(impl, inputs):
+    model = inputs["model"]
+    past = None
+    if inputs["idx_past"] is not None:
+        _, past = model(inputs["idx_past"], use_cache=True)  # a known-good cache of the earlier tokens
+    result = impl(model, inputs["idx_new"], past)
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        raise TypeError("gpt_forward_cached must return a pair (logits, cache)")
+    logits, present = result
+    return (logits, *_stack_cache(present, model.config.n_layer))
+
+
+def _forward_ref(inputs):
+    model = inputs["model"]
+    parts = [p for p in (inputs["idx_past"], inputs["idx_new"]) if p is not None]
+    logits, present = model(torch.cat(parts, dim=1), use_cache=True)  # everything recomputed
+    T_past = 0 if inputs["idx_past"] is None else inputs["idx_past"].shape[1]
+    return (logits[:, T_past:], *_stack_cache(present, model.config.n_layer))
+
+
+def _forward_describe(inputs):
+    B, T_new = inputs["idx_new"].shape
+    T_past = 0 if inputs["idx_past"] is None else inputs["idx_past"].shape[1]
+    c = inputs["model"].config
+    return f"B={B}, {T_past} cached + {T_new} new tokens, d_model={c.d_model}, {c.n_layer} layers, {c.n_head} heads"
+
+
+def _wrong_forward(*, restart_positions=False, skip_own=False, keep_only_new=False, top_left=False):
+    def forward(model, idx, past=None):
+        T = idx.shape[1]
+        T_past = 0 if past is None else past[0][0].shape[2]
+        start = 0 if restart_positions else T_past
+        x = model.tok_emb(idx) + model.pos_emb(torch.arange(start, start + T))
+        present = []
+        for i, block in enumerate(model.blocks):
+            attn = block.attn
+            q, k, v = attn.project_qkv(block.ln_1(x))
+            if past is not None:
+                k_all = torch.cat([past[i][0], k], dim=2)
+                v_all = torch.cat([past[i][1], v], dim=2)
+            else:
+                k_all, v_all = k, v
+            if skip_own and past is not None:
+                out = F.scaled_dot_product_attention(q, past[i][0], past[i][1])
+            elif top_left or T == k_all.shape[2]:
+                out = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=True)
+            else:
+                mask = torch.ones(T, k_all.shape[2], dtype=torch.bool).tril(k_all.shape[2] - T)
+                out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+            B = x.shape[0]
+            x = x + attn.proj(out.transpose(1, 2).reshape(B, T, -1))
+            x = x + block.mlp(block.ln_2(x))
+            present.append((k, v) if keep_only_new else (k_all, v_all))
+        return model.head(model.ln_f(x)), present
+    return forward
+
+
+FORWARD = Check(
+    name="gpt_forward_cached",
+    cases=(
+        Case("prefill: 6 tokens, nothing cached", lambda g: _forward_inputs(g, 1, 0, 6)),
+        Case("decode: 1 new token after 7 cached", lambda g: _forward_inputs(g, 1, 7, 1)),
+        Case("batch 2, a chunk of 3 new tokens after 5 cached", lambda g: _forward_inputs(g, 2, 5, 3), hidden=True),
+        Case("batch 3, 1 token after 20 cached, 3 layers, d_model=48, 2 heads",
+             lambda g: _forward_inputs(g, 3, 20, 1, d_model=48, n_layer=3, n_head=2), hidden=True),
+        Case("batch 2, a single-token prompt", lambda g: _forward_inputs(g, 2, 0, 1), hidden=True),
+        Case("decode at the last position (max_len=12)",
+             lambda g: _forward_inputs(g, 1, 11, 1, max_len=12), hidden=True),
+    ),
+    reference=_forward_ref,
+    call=_call_forward,
+    tolerance=FP32_MODEL,
+    output_names=("logits", "cached keys (stacked over layers)", "cached values (stacked over layers)"),
+    describe_inputs=_forward_describe,
+    mistakes=(
+        Mistake("positions restart at 0", _wrong_forward(restart_positions=True),
+                "the new tokens got positions 0, 1, ...: their positions continue after the cached ones "
+                "(T_past, T_past + 1, ...), read T_past from the cache."),
+        Mistake("new tokens see only the cache", _wrong_forward(skip_own=True),
+                "the new tokens attend only to the cached keys: append their own keys and values first, "
+                "then attend over the whole cache."),
+        Mistake("returns only the new keys/values", _wrong_forward(keep_only_new=True),
+                "the returned cache holds only the new tokens' keys and values: return the appended cache "
+                "(old + new) for every layer."),
+        Mistake("top-left causal mask", _wrong_forward(top_left=True),
+                "with several new tokens after a cache, is_causal=True aligns the mask to the top-left: "
+                "use your attend_with_cache."),
+    ),
+)
+
+
+def _generate_inputs(g, B, T, N, **config):
+    model = _model(g, **config)
+    return {"model": model, "idx": torch.randint(0, model.config.vocab_size, (B, T), generator=g),
+            "max_new_tokens": N}
+
+
+def _call_generate(impl, inputs):
+    model = inputs["model"]
+    fed = []
+    handle = model.tok_emb.register_forward_hook(lambda module, args, out: fed.append(args[0].shape[-1]))
+    try:
+        out = impl(model, inputs["idx"].clone(), inputs["max_new_tokens"])
+    finally:
+        handle.remove()
+    return out, sum(fed)
+
+
+def _generate_ref(inputs):
+    # Recompute the whole sequence at every step: slow, but obviously right.
+    out = generate(inputs["model"], inputs["idx"], inputs["max_new_tokens"], use_cache=False)
+    return out, inputs["idx"].shape[1] + inputs["max_new_tokens"] - 1
+
+
+def _generate_describe(inputs):
+    B, T = inputs["idx"].shape
+    return f"B={B}, prompt of {T} tokens, max_new_tokens={inputs['max_new_tokens']}"
+
+
+def _gen_no_cache(model, idx, max_new_tokens):
+    return generate(model, idx, max_new_tokens, use_cache=False)
+
+
+def _gen_only_new(model, idx, max_new_tokens):
+    return generate(model, idx, max_new_tokens)[:, idx.shape[1]:]
+
+
+def _gen_refeeds_last_prompt_token(model, idx, max_new_tokens):
+    _, past = model(idx[:, :-1], use_cache=True) if idx.shape[1] > 1 else (None, None)
+    nxt = idx[:, -1:]
+    out = idx
+    for _ in range(max_new_tokens):
+        logits, past = model(nxt, past=past, use_cache=True)
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        out = torch.cat([out, nxt], dim=1)
+    return out  # right tokens, but the last prompt token goes through the model twice
+
+
+def _gen_extra_step(model, idx, max_new_tokens):
+    logits, past = model(idx, use_cache=True)
+    out = idx
+    for _ in range(max_new_tokens):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        out = torch.cat([out, nxt], dim=1)
+        logits, past = model(nxt, past=past, use_cache=True)  # one step too many: its logits are unused
+    return out
+
+
+def _gen_first_logits(model, idx, max_new_tokens):
+    logits, past = model(idx, use_cache=True)
+    out = idx
+    for _ in range(max_new_tokens):
+        nxt = logits[:, 0].argmax(-1, keepdim=True)
+        out = torch.cat([out, nxt], dim=1)
+        logits, past = model(nxt, past=past, use_cache=True)
+    return out
+
+
+GENERATE = Check(
+    name="generate_cached",
+    cases=(
+        Case("one prompt of 4 tokens, 10 new tokens", lambda g: _generate_inputs(g, 1, 4, 10)),
+        Case("batch 2, prompts of 3 tokens, 6 new tokens", lambda g: _generate_inputs(g, 2, 3, 6)),
+        Case("a single-token prompt, 1 new token", lambda g: _generate_inputs(g, 1, 1, 1), hidden=True),
+        Case("batch 3, prompts of 5, 25 new tokens, 3 layers",
+             lambda g: _generate_inputs(g, 3, 5, 25, n_layer=3), hidden=True),
+        Case("up to max_len: prompt of 4, 12 new tokens, max_len=16",
+             lambda g: _generate_inputs(g, 2, 4, 12, max_len=16), hidden=True),
+    ),
+    reference=_generate_ref,
+    call=_call_generate,
+    tolerance=EXACT,
+    output_names=("tokens", "tokens fed to the model"),
+    describe_inputs=_generate_describe,
+    mistakes=(
+        Mistake("no cache", _gen_no_cache,
+                "the tokens are right but the whole sequence goes through the model at every step: run the "
+                "prompt once (prefill), then feed only the newest token with the cache."),
+        Mistake("only the new tokens", _gen_only_new,
+                "return the prompt followed by the new tokens: shape (B, T + max_new_tokens)."),
+        Mistake("last prompt token fed twice", _gen_refeeds_last_prompt_token,
+                "the last prompt token went through the model twice: the prefill's logits at the last "
+                "position already give the first new token."),
+        Mistake("one step too many", _gen_extra_step,
+                "the model ran once more after the last token was chosen: max_new_tokens tokens need the "
+                "prefill plus max_new_tokens - 1 single-token steps."),
+        Mistake("logits of the first position", _gen_first_logits,
+                "the next token comes from the logits at the LAST position (logits[:, -1]), not the first."),
+    ),
+)
+
+
+CHECKS = CheckSet(CHAPTER, [APPEND, ATTEND, FORWARD, GENERATE])
+check = CHECKS.check
