@@ -20,7 +20,8 @@ help:
 	@echo "make test     set up if needed, then the whole test suite"
 	@echo "make release  regenerate chapters/ from solutions/ (CHAPTER=NN_name for one)"
 	@echo "make book     build the Jupyter Book into _build/html (executes every chapter)"
-	@echo "make bench    time every solution notebook -> benchmarks/results/"
+	@echo "make bench    time every solution notebook, then the attention, KV-cache and MoE benchmarks"
+	@echo "              -> benchmarks/results/ (a few minutes; CHAPTER=NN_name times one notebook only)"
 	@echo "make grade SUBMISSIONS=submitted/ CHAPTER=01_self_attention   sandboxed grading of a class"
 
 $(STAMP): requirements.txt pyproject.toml
@@ -55,6 +56,8 @@ book: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/notebooks.py $(CHAPTER)
+	@if [ -z "$(CHAPTER)" ]; then \
+		$(PY) benchmarks/attention.py && $(PY) benchmarks/kv_cache.py && $(PY) benchmarks/moe.py; fi
 
 grade: $(STAMP)
 	@test -n "$(SUBMISSIONS)" -a -n "$(CHAPTER)" || { echo "usage: make grade SUBMISSIONS=submitted/ CHAPTER=01_self_attention"; exit 2; }
