@@ -9,6 +9,12 @@ The cache is the plainest one: for every layer a pair ``(k, v)`` of shape
 ``(B, n_kv_head, T_seen, d_head)``; a forward call with ``use_cache=True`` appends the new keys and
 values along the time axis and returns the longer pair. Positions of the new tokens continue after
 ``T_seen``.
+
+``generate(..., use_cache=True)`` decodes with a leaner version of the same cache, ``StaticKVCache``:
+the buffers for the whole generation are allocated once and every step writes its one new key and
+value in place (no copy of the whole cache per step), and ``decode_step`` runs one token through the
+same parameters with plain functional calls, computing the logits of that token only. It gives the
+logits of ``forward(token, past=..., use_cache=True)`` (to float rounding) and the same tokens.
 """
 
 from __future__ import annotations
@@ -208,12 +214,83 @@ class GPT(nn.Module):
         return logits, (present if use_cache else None)
 
 
+class StaticKVCache:
+    """Key/value buffers allocated once for a whole generation, filled in place.
+
+    ``keys[i]`` and ``values[i]`` have shape ``(B, n_kv_head, capacity, d_head)``; positions
+    ``0 .. length - 1`` hold the cache, the rest is not yet written. ``layers()`` gives the filled part
+    in the layout of ``GPT.forward``'s ``past`` (views, no copy).
+    """
+
+    def __init__(self, past: KVCache, capacity: int):
+        if not past:
+            raise ValueError("past must hold one (k, v) pair per layer")
+        k0 = past[0][0]
+        B, n_kv, length, d_head = k0.shape
+        if not isinstance(capacity, int) or capacity < length:
+            raise ValueError(f"capacity must be an integer >= the {length} cached positions, got {capacity!r}")
+        self.length = length
+        self.capacity = capacity
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        for k, v in past:
+            kb = k.new_empty(B, n_kv, capacity, d_head)
+            vb = v.new_empty(B, n_kv, capacity, d_head)
+            kb[:, :, :length].copy_(k)
+            vb[:, :, :length].copy_(v)
+            self.keys.append(kb)
+            self.values.append(vb)
+
+    def layers(self) -> KVCache:
+        return [(k[:, :, :self.length], v[:, :, :self.length]) for k, v in zip(self.keys, self.values)]
+
+
+def _block_params(model: GPT) -> list[tuple]:
+    """The parameters decode_step reads, looked up once (nn.Module attribute access is slow)."""
+    return [(b.ln_1.weight, b.ln_1.bias, b.ln_1.eps, b.attn.qkv.weight, b.attn.qkv.bias,
+             b.attn.proj.weight, b.attn.proj.bias, b.ln_2.weight, b.ln_2.bias, b.ln_2.eps,
+             b.mlp.fc.weight, b.mlp.fc.bias, b.mlp.proj.weight, b.mlp.proj.bias) for b in model.blocks]
+
+
+def decode_step(model: GPT, token: torch.Tensor, cache: StaticKVCache, params: list[tuple] | None = None
+                ) -> torch.Tensor:
+    """One decoding step: token ids (B,) at position ``cache.length`` -> next-token logits (B, vocab).
+
+    The same computation as ``model(token[:, None], past=cache.layers(), use_cache=True)`` for one
+    token, written as functional calls on 2-D (B, d_model) activations: the new key and value go
+    straight into the preallocated buffers, attention reads the filled prefix (a single query may see
+    every cached key, so no mask), and the head runs on this one position. Advances ``cache.length``.
+    ``params`` is ``_block_params(model)``, precomputed by a caller that runs many steps.
+    """
+    cfg = model.config
+    t = cache.length
+    if t >= cache.capacity or t >= cfg.max_len:
+        raise ValueError(f"the cache is full ({t} of {min(cache.capacity, cfg.max_len)} positions)")
+    B = token.shape[0]
+    H, KV, D, d = cfg.n_head, cfg.kv_heads, cfg.d_head, cfg.d_model
+    shape, n_q, n_kv = (d,), H * D, KV * D
+    gqa = H != KV
+    x = model.tok_emb(token) + model.pos_emb.weight[t]
+    for (l1w, l1b, e1, qkv_w, qkv_b, pw, pb, l2w, l2b, e2, fw, fb, mw, mb), kb, vb in zip(
+            params if params is not None else _block_params(model), cache.keys, cache.values):
+        q, k, v = F.linear(F.layer_norm(x, shape, l1w, l1b, e1), qkv_w, qkv_b).split([n_q, n_kv, n_kv], dim=-1)
+        kb[:, :, t].copy_(k.view(B, KV, D))
+        vb[:, :, t].copy_(v.view(B, KV, D))
+        a = F.scaled_dot_product_attention(q.view(B, H, 1, D), kb[:, :, :t + 1], vb[:, :, :t + 1], enable_gqa=gqa)
+        x = x + F.linear(a.view(B, n_q), pw, pb)
+        x = x + F.linear(F.gelu(F.linear(F.layer_norm(x, shape, l2w, l2b, e2), fw, fb)), mw, mb)
+    cache.length = t + 1
+    ln_f = model.ln_f
+    return model.head(F.layer_norm(x, shape, ln_f.weight, ln_f.bias, ln_f.eps))
+
+
 @torch.no_grad()
 def generate(model: GPT, idx: torch.LongTensor, max_new_tokens: int, use_cache: bool = True) -> torch.LongTensor:
     """Greedy decoding; returns (B, T + max_new_tokens).
 
     Without the cache every step runs the model on the whole sequence so far; with it, the prompt
-    is run once (prefill) and every later step feeds one token and appends its keys and values.
+    is run once (prefill) and every later step feeds one token and writes its keys and values into
+    buffers allocated once for the whole generation (``StaticKVCache``, ``decode_step``).
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
@@ -232,12 +309,16 @@ def generate(model: GPT, idx: torch.LongTensor, max_new_tokens: int, use_cache: 
             logits, _ = model(out)
             out = torch.cat([out, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
         return out
-    logits, past = model(idx, use_cache=True)  # prefill: the whole prompt at once
-    tokens = [logits[:, -1].argmax(dim=-1, keepdim=True)]
-    for _ in range(max_new_tokens - 1):  # decode: one token in, its K and V appended
-        logits, past = model(tokens[-1], past=past, use_cache=True)
-        tokens.append(logits[:, -1].argmax(dim=-1, keepdim=True))
-    return torch.cat([idx, *tokens], dim=1)
+    with torch.inference_mode():  # no autograd bookkeeping at all in the decode loop
+        logits, past = model(idx, use_cache=True)  # prefill: the whole prompt at once
+        cache = StaticKVCache(past, capacity=total - 1)  # the last new token is never fed back
+        params = _block_params(model)
+        token = logits[:, -1].argmax(dim=-1)
+        tokens = [token]
+        for _ in range(max_new_tokens - 1):  # decode: one token in, its K and V written in place
+            token = decode_step(model, token, cache, params).argmax(dim=-1)
+            tokens.append(token)
+    return torch.cat([idx, torch.stack(tokens, dim=1)], dim=1)  # outside inference mode: a normal tensor
 
 
 def kv_cache_bytes(config: GPTConfig, batch: int, seq_len: int, bytes_per_element: int = 4) -> int:

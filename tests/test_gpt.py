@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from coursekit.gpt import GPT, GPTConfig, generate, kv_cache_bytes
+from coursekit.gpt import GPT, GPTConfig, StaticKVCache, decode_step, generate, kv_cache_bytes
 
 
 def _model(seed=0, **kwargs):
@@ -105,3 +105,50 @@ def test_generate_zero_new_tokens_returns_prompt():
     model = _model()
     prompt = torch.tensor([[1, 2, 3]])
     assert torch.equal(generate(model, prompt, 0), prompt)
+
+
+@pytest.mark.parametrize("n_kv_head", [None, 2, 1])
+def test_decode_step_matches_forward_with_past(n_kv_head):
+    model = _model(4, n_kv_head=n_kv_head)
+    idx = torch.randint(0, 17, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _, past = model(idx[:, :4], use_cache=True)
+        cache = StaticKVCache(past, capacity=11)
+        assert cache.length == 4 and cache.keys[0].shape == (2, model.config.kv_heads, 11, 8)
+        for t in range(4, 11):
+            expected, past = model(idx[:, t:t + 1], past=past, use_cache=True)
+            got = decode_step(model, idx[:, t], cache)
+            assert got.shape == (2, 17)
+            torch.testing.assert_close(got, expected[:, -1], atol=1e-5, rtol=1e-5)
+            assert cache.length == t + 1
+            for (k, v), (k_ref, v_ref) in zip(cache.layers(), past):
+                assert k.shape == k_ref.shape == (2, model.config.kv_heads, t + 1, 8)
+                torch.testing.assert_close(k, k_ref, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(v, v_ref, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="full"):
+            decode_step(model, idx[:, 0], cache)
+
+
+def test_static_cache_rejects_a_capacity_below_its_length():
+    model = _model()
+    with torch.no_grad():
+        _, past = model(torch.zeros(1, 6, dtype=torch.long), use_cache=True)
+    with pytest.raises(ValueError, match="capacity"):
+        StaticKVCache(past, capacity=5)
+
+
+def test_cached_generation_up_to_max_len_and_one_token():
+    model = _model(5)
+    prompt = torch.randint(0, 17, (2, 3), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(generate(model, prompt, 61), generate(model, prompt, 61, use_cache=False))
+    assert torch.equal(generate(model, prompt, 1), generate(model, prompt, 1, use_cache=False))
+
+
+def test_cached_generation_returns_an_ordinary_tensor():
+    # the decode loop runs in inference mode; its output must still be usable for training
+    model = _model()
+    out = generate(model, torch.tensor([[1, 2, 3]]), 5)
+    assert not out.is_inference() and out.dtype == torch.long
+    logits, _ = model(out)
+    logits.sum().backward()
+    assert model.tok_emb.weight.grad is not None
