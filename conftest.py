@@ -29,6 +29,7 @@ def pytest_collection_finish(session):
 SPREAD_PER_TEST = {"test_roundtrip.py", "test_grading_chapters.py", "test_release.py"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         path = Path(str(item.fspath))

@@ -35,7 +35,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BASE_UID = 61000
+# Each grading process gets its own block of uids, so that two graders running at once (two
+# instructors, or parallel test workers) never kill or read each other's student processes.
+BASE_UID = 61000 + (os.getpid() % 4096) * 64
 FALLBACK_WARNING = (
     "WARNING: bubblewrap (bwrap) is not available: student code runs WITHOUT namespace isolation "
     "(it can read files this user can read and reach the network); only resource limits and timeouts "
@@ -149,6 +151,10 @@ class Sandbox:
                     out += ["--perms", "0755", "--dir", s]
             return out
 
+        # The private /tmp comes first: binds made after it stay visible even when the repository or
+        # the virtual environment lives under /tmp (a tmpfs mounted later would hide them).
+        cmd += ["--size", str(self.limits.tmp_bytes), "--perms", "1777", "--tmpfs", "/tmp"]
+        made.add("/tmp")
         for top in ("bin", "lib", "lib64", "sbin"):
             p = Path("/") / top
             if p.is_symlink():
@@ -157,18 +163,19 @@ class Sandbox:
         for src, dest in self._visible_paths():
             cmd += parents(dest) + ["--ro-bind", str(src), str(dest)]
             made.add(str(dest))
-        cmd += ["--proc", "/proc", "--dev", "/dev", "--size", str(self.limits.tmp_bytes), "--perms", "1777",
-                "--tmpfs", "/tmp", "--bind", str(scratch), "/scratch", "--chdir", "/scratch"]
+        cmd += ["--proc", "/proc", "--dev", "/dev", "--bind", str(scratch), "/scratch", "--chdir", "/scratch"]
         for key, value in self._env("/scratch").items():
             cmd += ["--setenv", key, value]
         if self.is_root:
-            uid = str(BASE_UID + slot)
-            cmd += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--", self.setpriv,
-                    "--reuid", uid, "--regid", uid, "--clear-groups", "--inh-caps=-all",
-                    "--bounding-set=-all", "--no-new-privs", "--"]
+            cmd += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--"] + self._drop_privileges(slot)
         else:
             cmd += ["--unshare-user", "--"]
         return cmd + argv
+
+    def _drop_privileges(self, slot: int) -> list[str]:
+        uid = str(BASE_UID + slot)
+        return [self.setpriv, "--reuid", uid, "--regid", uid, "--clear-groups", "--inh-caps=-all",
+                "--bounding-set=-all", "--no-new-privs", "--"]
 
     def _env(self, home: str) -> dict[str, str]:
         return {"PATH": f"{Path(sys.prefix) / 'bin'}:/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8",
@@ -191,7 +198,7 @@ class Sandbox:
         return None
 
     def _own(self, scratch: Path, slot: int) -> None:
-        if self.is_root and self.bwrap:
+        if self.is_root:
             os.chown(scratch, BASE_UID + slot, BASE_UID + slot)
         os.chmod(scratch, 0o700)
 
@@ -207,7 +214,7 @@ class Sandbox:
         (scratch / "job.json").write_text(json.dumps(job))
         (scratch / "progress").touch()
         (scratch / "student.log").touch()
-        if self.is_root and self.mode == "bwrap":
+        if self.is_root:
             for name in ("progress", "student.log"):
                 os.chown(scratch / name, BASE_UID + slot, BASE_UID + slot)
         argv = [self.python, "-I", "-m", "autograders.grading_runner", f"{inside}/job.json"]
@@ -216,7 +223,8 @@ class Sandbox:
             env = {}
             cwd = "/"
         else:
-            cmd = argv
+            # No namespaces, but never the grader's own user: as root, drop to the slot's uid.
+            cmd = self._drop_privileges(slot) + argv if self.is_root and self.setpriv else argv
             env = self._env(str(scratch))
             env["PYTHONPATH"] = str(REPO)
             cwd = str(scratch)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -51,6 +52,9 @@ def graded(tmp_path_factory):
                           release_dir=ROOT / "chapters", workers=2, db_url=db_url, out=course / "out",
                           limits=Limits(step_wall_s=10.0, start_wall_s=60.0), progress=False)
     isolated = grader.sandbox.mode == "bwrap"
+    if shutil.which("bwrap"):
+        # bubblewrap is installed (make setup installs it): falling back would hide a broken sandbox.
+        assert isolated, f"bubblewrap is installed but the sandbox fell back: {grader.sandbox.problem}"
     kinds = [k for k in gc.corpus(str(db), str(TARGET)) if isolated or not k.needs_isolation]
     for k in kinds:
         gc.write(k, subs)
