@@ -43,7 +43,7 @@ lab: $(STAMP)
 		--ServerApp.root_dir=chapters
 
 test: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --nbval-lax
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --nbval-lax
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" -p no:nbval tests

@@ -22,16 +22,3 @@ def pytest_collection_finish(session):
     if not any(Path(str(i.fspath)).parent == ROOT / "tests" for i in session.items):
         raise pytest.UsageError("no tests from tests/ were collected")
 
-
-# Tests that are independent per parameter (one chapter each) are spread over the xdist workers
-# one by one; everything else stays together per file (nbval's cells share one kernel, and some
-# modules build an expensive fixture once).
-SPREAD_PER_TEST = {"test_roundtrip.py", "test_grading_chapters.py", "test_release.py"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        path = Path(str(item.fspath))
-        if path.name not in SPREAD_PER_TEST:
-            item.add_marker(pytest.mark.xdist_group(name=str(path.relative_to(ROOT))))
