@@ -15,13 +15,7 @@ from checks_support import assert_accepts, assert_rejects
 from coursekit.seq2seq_data import BOS, EOS, PAD, TinyScorer, brute_force_best
 from notebook_code import load_solutions, not_implemented
 
-sol = load_solutions(ag.CHAPTER, preamble="""
-import math
-import torch
-import torch.nn.functional as F
-from torch import nn
-from coursekit.seq2seq_data import BOS, EOS, PAD
-""")
+sol = load_solutions(ag.CHAPTER)
 
 
 def test_every_exercise_has_a_check():

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from autograders import kv_cache as ag
 from checks_support import assert_accepts, assert_rejects
 from coursekit.gpt import generate
-from notebook_code import PREAMBLE, load_solutions, not_implemented
+from notebook_code import load_solutions, not_implemented
 
-sol = load_solutions(ag.CHAPTER, PREAMBLE + "from coursekit.gpt import GPT\n")
+sol = load_solutions(ag.CHAPTER)
 
 
 def test_every_exercise_has_a_check():

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import nbformat
 import pytest
 import torch
 import torch.nn.functional as F
 
 from autograders import mixture_of_experts as ag
 from checks_support import assert_accepts, assert_rejects
-from notebook_code import PREAMBLE, ROOT, load_solutions, not_implemented
+from notebook_code import load_solutions, not_implemented
 
-NOTEBOOK = ROOT / "solutions" / ag.CHAPTER / "mixture_of_experts.ipynb"
-
-
-def _expert_cell() -> str:
-    """The given (ungraded) Expert class, which the MoE solution cell uses."""
-    cells = [c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells
-             if c.cell_type == "code" and c.source.startswith("class Expert")]
-    assert len(cells) == 1, "the notebook should define Expert in one ordinary code cell"
-    return cells[0]
-
-
-sol = load_solutions(ag.CHAPTER, preamble=PREAMBLE + "\n" + _expert_cell())
+sol = load_solutions(ag.CHAPTER)  # includes the notebook's given Expert class
 
 
 def test_every_exercise_has_a_check():

@@ -10,20 +10,9 @@ from torch import nn
 
 from autograders import multihead_attention as ag
 from checks_support import assert_accepts, assert_rejects
-from notebook_code import PREAMBLE, ROOT, load_solutions, not_implemented
+from notebook_code import load_solutions, not_implemented
 
-
-def given_attention_cell() -> str:
-    """The notebook's (ungraded) attention helper, which the solutions call."""
-    import nbformat
-    path = ROOT / "solutions" / ag.CHAPTER / "multihead_attention.ipynb"
-    cells = [c.source for c in nbformat.read(path, as_version=4).cells
-             if c.cell_type == "code" and c.source.startswith("def attention(")]
-    assert len(cells) == 1, "expected one cell defining the attention helper"
-    return cells[0]
-
-
-sol = load_solutions(ag.CHAPTER, preamble=PREAMBLE + "\n" + given_attention_cell())
+sol = load_solutions(ag.CHAPTER)  # includes the notebook's given attention() helper
 
 FUNCTIONS = ["split_heads", "merge_heads", "sinusoidal_encoding", "window_mask", "causal_mask", "graph_mask"]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import warnings
 
-import nbformat
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,20 +12,9 @@ from torch import nn
 from autograders import transformer_encoder as ag
 from autograders.core import evaluate, make_inputs
 from checks_support import assert_accepts, assert_rejects
-from notebook_code import PREAMBLE, ROOT, load_solutions, not_implemented
+from notebook_code import load_solutions, not_implemented
 
-NOTEBOOK = ROOT / "solutions" / ag.CHAPTER / "transformer_encoder.ipynb"
-
-
-def _given_layer_norm_module() -> str:
-    """The notebook's given (ungraded) LayerNorm module, which EncoderBlock's __init__ uses."""
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    cells = [c.source for c in nb.cells if c.cell_type == "code" and "class LayerNorm(nn.Module)" in c.source]
-    assert len(cells) == 1, "expected one notebook cell defining the LayerNorm module"
-    return cells[0]
-
-
-sol = load_solutions(ag.CHAPTER, PREAMBLE + "\n" + _given_layer_norm_module())
+sol = load_solutions(ag.CHAPTER)  # includes the notebook's given LayerNorm module
 
 
 def test_every_exercise_has_a_check():
