@@ -49,7 +49,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" -p no:nbval tests
 
 release: $(STAMP)
-	$(PY) -m autograders.release $(CHAPTER)
+	$(PY) -m autograders.engine.release $(CHAPTER)
 
 book: $(STAMP)
 	$(PY) tools/build_book.py
@@ -61,7 +61,7 @@ bench: $(STAMP)
 
 grade: $(STAMP)
 	@test -n "$(SUBMISSIONS)" -a -n "$(CHAPTER)" || { echo "usage: make grade SUBMISSIONS=submitted/ CHAPTER=01_self_attention"; exit 2; }
-	$(PY) -m autograders.grade --submissions $(SUBMISSIONS) --chapter $(CHAPTER) --workers $(GRADE_WORKERS)
+	$(PY) -m autograders.engine.grade --submissions $(SUBMISSIONS) --chapter $(CHAPTER) --workers $(GRADE_WORKERS)
 
 clean:
 	rm -rf _build .pytest_cache

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autograders.core import EXACT, Case, Check, CheckSet, Mistake, Tolerance, randn
+from autograders.engine.core import EXACT, Case, Check, CheckSet, Mistake, Tolerance, randn
 from coursekit.seq2seq_data import BOS, EOS, PAD, TinyScorer, brute_force_best
 
 CHAPTER = "04_decoder_seq2seq"

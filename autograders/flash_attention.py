@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from autograders.core import EXACT, Case, Check, CheckSet, Mistake, Tolerance, randn
+from autograders.engine.core import EXACT, Case, Check, CheckSet, Mistake, Tolerance, randn
 
 CHAPTER = "06_flash_attention"
 

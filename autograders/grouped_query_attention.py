@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autograders.core import EXACT, Case, Check, CheckSet, Mistake, Tolerance, randn
+from autograders.engine.core import EXACT, Case, Check, CheckSet, Mistake, Tolerance, randn
 
 CHAPTER = "08_grouped_query_attention"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from autograders.core import EXACT, Case, Check, CheckSet, Mistake, Tolerance
+from autograders.engine.core import EXACT, Case, Check, CheckSet, Mistake, Tolerance
 
 CHAPTER = "16_inference_performance"
 

@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from autograders.core import EXACT, Case, Check, CheckSet, Mistake, Tolerance, randn
+from autograders.engine.core import EXACT, Case, Check, CheckSet, Mistake, Tolerance, randn
 from coursekit.gpt import GPT, GPTConfig, generate
 
 CHAPTER = "07_kv_cache"

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autograders.core import EXACT, Case, Check, CheckSet, Mistake, Tolerance, randn
+from autograders.engine.core import EXACT, Case, Check, CheckSet, Mistake, Tolerance, randn
 
 CHAPTER = "05_mixture_of_experts"
 

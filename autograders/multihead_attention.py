@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autograders.core import EXACT, Case, Check, CheckSet, Mistake, Tolerance, randn
+from autograders.engine.core import EXACT, Case, Check, CheckSet, Mistake, Tolerance, randn
 
 CHAPTER = "02_multihead_attention"
 

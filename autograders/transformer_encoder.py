@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autograders.core import Case, Check, CheckSet, Mistake, Tolerance, randn
+from autograders.engine.core import Case, Check, CheckSet, Mistake, Tolerance, randn
 
 CHAPTER = "03_transformer_encoder"
 

@@ -4,7 +4,7 @@
 
 Generates a class of submissions of chapter 01 (mixed: correct, wrong answers, untouched stubs and
 broken ones -- a crash, os._exit, an empty file, invalid JSON), grades them with
-``autograders.grade`` (sandboxed, ``--workers`` in parallel), then executes the same notebooks one
+``autograders.engine.grade`` (sandboxed, ``--workers`` in parallel), then executes the same notebooks one
 after the other with nbclient (all cells, errors allowed, as ``nbgrader autograde`` would) for the
 baseline. Target: grading the class takes <= 2x the sequential execution.
 Writes benchmarks/results/grading.json and grading.md.
@@ -30,8 +30,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 import grading_corpus as gc  # noqa: E402
 
-from autograders import grade  # noqa: E402
-from autograders.sandbox import Limits  # noqa: E402
+from autograders.engine import grade  # noqa: E402
+from autograders.engine.sandbox import Limits  # noqa: E402
 
 MIX = ["correct", "correct", "wrong_answer", "correct", "untouched_stub", "stderr_noise_correct", "correct",
        "segfault", "wrong_answer", "os_exit_in_answer", "correct", "empty_file", "correct", "invalid_json",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from autograders.core import CheckSet, evaluate
+from autograders.engine.core import CheckSet, evaluate
 
 SEEDS = range(8)
 

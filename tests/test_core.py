@@ -1,4 +1,4 @@
-"""Unit tests of the check framework (autograders.core)."""
+"""Unit tests of the check framework (autograders.engine.core)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from autograders.core import (EXACT, Case, Check, CheckFailed, CheckSet, Mistake, Produced, Tolerance,
+from autograders.engine.core import (EXACT, Case, Check, CheckFailed, CheckSet, Mistake, Produced, Tolerance,
                               evaluate, judge, make_inputs, produce, randn, to_arrays)
 
 TOL = Tolerance(1e-6, 1e-6, "test")

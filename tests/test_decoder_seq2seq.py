@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autograders import decoder_seq2seq as ag
-from autograders.core import evaluate
+from autograders.engine.core import evaluate
 from checks_support import assert_accepts, assert_rejects
 from coursekit.seq2seq_data import BOS, EOS, PAD, TinyScorer, brute_force_best
 from notebook_code import load_solutions, not_implemented

@@ -104,7 +104,7 @@ def test_update_rejects(wrong, hint):
 
 def test_update_nan_is_visible():
     """The masked-rows case runs in the visible test cell, so students meet it before grading."""
-    from autograders.core import evaluate
+    from autograders.engine.core import evaluate
     report = evaluate(ag.CHECKS["online_softmax_update"], update_without_guard, seed=0, hidden=False)
     assert not report.passed and "NaN" in report.summary()
 

@@ -22,8 +22,8 @@ from course import ROOT
 
 pytestmark = pytest.mark.slow
 
-from autograders import grade  # noqa: E402
-from autograders.sandbox import Limits, Sandbox  # noqa: E402
+from autograders.engine import grade  # noqa: E402
+from autograders.engine.sandbox import Limits, Sandbox  # noqa: E402
 
 TARGET = ROOT / "autograders" / "self_attention.py"
 

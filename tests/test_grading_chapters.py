@@ -5,8 +5,8 @@ from __future__ import annotations
 import nbformat
 import pytest
 
-from autograders import grade
-from autograders.sandbox import Limits
+from autograders.engine import grade
+from autograders.engine.sandbox import Limits
 from course import CHAPTERS, SOLUTIONS, chapter_names, notebook_of
 from test_roundtrip import solved
 

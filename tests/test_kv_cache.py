@@ -162,7 +162,7 @@ def test_forward_rejects(wrong, hint):
 
 
 def test_forward_restart_positions_caught_in_visible_cases():
-    from autograders.core import evaluate
+    from autograders.engine.core import evaluate
     report = evaluate(ag.CHECKS["gpt_forward_cached"], forward_variant(restart=True), seed=3, hidden=False)
     assert not report.passed
 

@@ -299,7 +299,7 @@ def test_moe_rejects(wrong, hint):
 
 def test_moe_k_equals_n_is_the_dense_mixture():
     """The visible case with k = n_experts compares with the dense softmax mixture."""
-    from autograders.core import make_inputs
+    from autograders.engine.core import make_inputs
     case = next(c for c in ag.MOE.cases if c.name.startswith("k = n_experts = 3"))
     inputs = make_inputs(case, seed=0)
     y, _, counts = ag._moe_ref(inputs)

@@ -215,7 +215,7 @@ def test_mha_rejects(wrong, hint):
 
 def test_padding_case_is_visible():
     """Key masking is checked in the visible cell, so a student sees a padding bug before grading."""
-    from autograders.core import evaluate
+    from autograders.engine.core import evaluate
     report = evaluate(ag.CHECKS["MultiHeadAttention"], KeyMaskIgnored, seed=0, hidden=False)
     assert not report.passed
 

@@ -6,7 +6,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from autograders.release import release
+from autograders.engine.release import release
 from course import CHAPTERS, SOLUTIONS, chapter_names, notebook_of
 
 ALLOWED_ERRORS = {"NotImplementedError", "CheckFailed"}

@@ -71,7 +71,7 @@ def test_softmax_rejects(wrong, hint):
 
 def test_softmax_overflow_is_visible():
     """The overflow case runs in the visible test cell, so students see it before grading."""
-    from autograders.core import evaluate
+    from autograders.engine.core import evaluate
     report = evaluate(ag.CHECKS["stable_softmax"], softmax_no_max, seed=0, hidden=False)
     assert not report.passed and "NaN" in report.summary()
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autograders import transformer_encoder as ag
-from autograders.core import evaluate, make_inputs
+from autograders.engine.core import evaluate, make_inputs
 from checks_support import assert_accepts, assert_rejects
 from notebook_code import load_solutions, not_implemented
 

@@ -13,7 +13,7 @@ With bubblewrap (Linux, Debian package ``bubblewrap``) the code runs:
   only long enough for ``setpriv`` to switch to a uid of its own per worker (``61000 + slot``), with no
   capabilities left and ``no_new_privs`` set; as a normal user, bubblewrap's user namespace is used,
 * with resource limits the sandboxed process cannot raise (CPU time, address space, processes,
-  file size, open files; set by :mod:`autograders.grading_runner` before any student code runs) and
+  file size, open files; set by :mod:`autograders.engine.runner` before any student code runs) and
   a wall-clock limit per step enforced from outside with SIGKILL.
 
 Without bubblewrap (macOS, or a container that forbids namespaces) :class:`Sandbox` falls back to the
@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Each grading process gets its own block of uids, so that two graders running at once (two
 # instructors, or parallel test workers) never kill or read each other's student processes.
 BASE_UID = 61000 + (os.getpid() % 4096) * 64
@@ -90,7 +90,7 @@ def describe_exit(result: RunResult, limits: Limits) -> str:
 
 
 class Sandbox:
-    """Runs :mod:`autograders.grading_runner` on a job, isolated as well as this machine allows."""
+    """Runs :mod:`autograders.engine.runner` on a job, isolated as well as this machine allows."""
 
     def __init__(self, limits: Limits | None = None, modules: tuple[str, ...] = (), allow_fallback: bool = True,
                  force_fallback: bool = False):
@@ -188,7 +188,7 @@ class Sandbox:
         with tempfile.TemporaryDirectory(prefix="sandbox-probe-") as scratch:
             scratch_path = Path(scratch)
             self._own(scratch_path, 0)
-            cmd = self._bwrap_command([self.python, "-I", "-c", "import autograders.core"], scratch_path, 0)
+            cmd = self._bwrap_command([self.python, "-I", "-c", "import autograders.engine.core"], scratch_path, 0)
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
             except (OSError, subprocess.TimeoutExpired) as exc:
@@ -217,7 +217,7 @@ class Sandbox:
         if self.is_root:
             for name in ("progress", "student.log"):
                 os.chown(scratch / name, BASE_UID + slot, BASE_UID + slot)
-        argv = [self.python, "-I", "-m", "autograders.grading_runner", f"{inside}/job.json"]
+        argv = [self.python, "-I", "-m", "autograders.engine.runner", f"{inside}/job.json"]
         if self.mode == "bwrap":
             cmd = self._bwrap_command(argv, scratch, slot)
             env = {}

@@ -1,11 +1,11 @@
-"""The program that runs inside the grading sandbox (see :mod:`autograders.sandbox`).
+"""The program that runs inside the grading sandbox (see :mod:`autograders.engine.sandbox`).
 
-    python -I -m autograders.grading_runner /scratch/job.json
+    python -I -m autograders.engine.runner /scratch/job.json
 
 It is trusted code that runs untrusted code: it first lowers its own resource limits (the sandboxed
 user cannot raise them again), then executes the student's code cells one by one in an IPython shell
 and, at each checkpoint the grader placed after an exercise's solution cell, calls
-:func:`autograders.core.produce` on the object the student defined. Outputs leave the sandbox only as
+:func:`autograders.engine.core.produce` on the object the student defined. Outputs leave the sandbox only as
 ``.npz`` files of plain numeric arrays plus JSON (never pickle); the grader judges them in its own
 process. Progress goes to ``progress`` one line per step (``cell <i>``, ``produce <exercise>``,
 ``done <exercise>``, ``end``) so that the grader, which watches from outside, knows which step a

@@ -1,8 +1,8 @@
 """Generate the student notebooks (chapters/) from the instructor notebooks (solutions/) with nbgrader.
 
-    python -m autograders.release                 # every chapter, into chapters/
-    python -m autograders.release 01_self_attention
-    python -m autograders.release --into DIR      # elsewhere (used by the up-to-date test)
+    python -m autograders.engine.release                 # every chapter, into chapters/
+    python -m autograders.engine.release 01_self_attention
+    python -m autograders.engine.release --into DIR      # elsewhere (used by the up-to-date test)
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SOLUTIONS = ROOT / "solutions"
 
 

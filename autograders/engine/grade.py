@@ -1,6 +1,6 @@
 """Grade a whole class's submissions of one chapter, with student code sandboxed.
 
-    python -m autograders.grade --submissions submitted/ --chapter 01_self_attention [--workers 2]
+    python -m autograders.engine.grade --submissions submitted/ --chapter 01_self_attention [--workers 2]
                                 [--out DIR] [--gradebook sqlite:///gradebook.db]
 
 What runs where:
@@ -8,15 +8,15 @@ What runs where:
 * The tests come from the instructor's source notebook (``solutions/<chapter>/``), never from the
   submission: each test cell (nbgrader ``grade: true``, ``solution: false``) is read with ``ast`` for
   its ``<module>.check("<check>", <name>)`` calls and its points.
-* For each student, the student's code cells run in order inside :class:`autograders.sandbox.Sandbox`,
+* For each student, the student's code cells run in order inside :class:`autograders.engine.sandbox.Sandbox`,
   except test cells and cells that the SOURCE tags ``skip-in-grading`` (matched to the student's cells
   by cell id or grade id; the student's own metadata cannot add to or remove from these), and only up
   to the last graded exercise. Right after each exercise's solution cell the sandbox calls
-  :func:`autograders.core.produce` (visible and hidden cases, a fresh random seed per student) and
+  :func:`autograders.engine.core.produce` (visible and hidden cases, a fresh random seed per student) and
   returns plain arrays (.npz, loaded without pickle) and JSON.
 * A cell that kills the sandbox (exit, segfault, memory, hang past the per-cell wall limit) is left out
   and the remaining exercises are run again without it: a crash costs only the exercise it happens in.
-* This process judges the arrays with :func:`autograders.core.judge` against the reference, gives a
+* This process judges the arrays with :func:`autograders.engine.core.judge` against the reference, gives a
   test cell its points when every check it calls passes (all or nothing, as nbgrader), and alone writes
   nbgrader's gradebook (the assignment's cells as ``nbgrader generate_assignment`` records them, then a
   submission and auto scores per student as ``nbgrader autograde`` does), ``autograded/`` and
@@ -50,7 +50,7 @@ import numpy as np
 import warnings
 
 from autograders import core
-from autograders.sandbox import REPO, Limits, Sandbox, describe_exit
+from autograders.engine.sandbox import REPO, Limits, Sandbox, describe_exit
 
 SKIP_TAG = "skip-in-grading"
 MAX_NOTEBOOK_BYTES = 20 << 20
@@ -700,7 +700,7 @@ def summary_table(results: list[StudentResult], names: list[str], maximum: float
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m autograders.grade", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m autograders.engine.grade", description=__doc__.split("\n\n")[0])
     p.add_argument("--submissions", required=True, type=Path,
                    help="submitted/ (nbgrader layout) or a folder of <student>.ipynb files")
     p.add_argument("--chapter", required=True, help="e.g. 01_self_attention")

@@ -1,0 +1,1 @@
+"""The grading engine: the check framework, the sandbox and its runner, grading a class, release."""

@@ -1,0 +1,1 @@
+"""Per-chapter tasks: the inputs, calls and rules of each exercise (what the grading sandbox sees)."""
