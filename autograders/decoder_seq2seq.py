@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autograders.engine.core import EXACT, Case, Check, CheckSet, Mistake, Tolerance, randn
-from coursekit.seq2seq_data import BOS, EOS, PAD, TinyScorer, brute_force_best
+from autograders.engine.core import EXACT, Check, CheckSet, Mistake, Tolerance
+from autograders.harness import decoder_seq2seq as H
+from coursekit.seq2seq_data import BOS, EOS, PAD, brute_force_best
 
-CHAPTER = "04_decoder_seq2seq"
+CHAPTER = H.CHAPTER
 
 FP32_MODULE = Tolerance(1e-4, 1e-4, "float32, compared with nn.MultiheadAttention whose fused kernels "
                                     "order the sums differently; large-input cases make the softmax sharp")
@@ -46,14 +47,6 @@ def _greedy_ref(next_log_probs, batch_size, max_len, bos_id=BOS, eos_id=EOS, pad
         if done.all():
             break
     return prefix[:, 1:], scores
-
-
-def _greedy_inputs(g, batch_size, vocab_size, max_len, sharpness=1.5, ids=(BOS, EOS, PAD)):
-    scorer = TinyScorer(vocab_size, max_len, batch_size, sharpness=sharpness, generator=g)
-    inputs = {"next_log_probs": scorer, "batch_size": batch_size, "max_len": max_len}
-    if ids != (BOS, EOS, PAD):
-        inputs.update(zip(("bos_id", "eos_id", "pad_id"), ids))
-    return inputs
 
 
 def _describe_greedy(inputs):
@@ -118,20 +111,9 @@ def _greedy_with_bos(next_log_probs, batch_size, max_len, bos_id=BOS, eos_id=EOS
 
 
 GREEDY = Check(
-    name="greedy_decode",
-    cases=(
-        Case("one sequence, vocabulary 6, max_len 5", lambda g: _greedy_inputs(g, 1, 6, 5)),
-        Case("batch of 4, vocabulary 8, max_len 6", lambda g: _greedy_inputs(g, 4, 8, 6)),
-        Case("batch of 16, vocabulary 5, max_len 7", lambda g: _greedy_inputs(g, 16, 5, 7), hidden=True),
-        Case("max_len 1", lambda g: _greedy_inputs(g, 3, 6, 1), hidden=True),
-        Case("a sharp model, batch of 8, vocabulary 12", lambda g: _greedy_inputs(g, 8, 12, 6, sharpness=4.0),
-             hidden=True),
-        Case("batch of 6 with other ids: BOS=1, EOS=3, PAD=0 (EOS is not 2)",
-             lambda g: _greedy_inputs(g, 6, 7, 6, ids=(BOS, 3, PAD)), hidden=True),
-    ),
+    H.GREEDY,
     reference=lambda inputs: _greedy_ref(**inputs),
     tolerance=DECODE,
-    output_names=("tokens", "scores"),
     describe_inputs=_describe_greedy,
     mistakes=(
         Mistake("keeps decoding after EOS", _greedy_no_stop,
@@ -158,29 +140,10 @@ def _causal_ref(inputs):
     return nn.Transformer.generate_square_subsequent_mask(inputs["T"]) == 0  # float 0 / -inf -> bool
 
 
-def _call_mask(impl, inputs):
-    mask = impl(inputs["T"])
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"causal_mask must return a torch.Tensor, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"causal_mask must return a bool tensor (True = may attend), got {mask.dtype}; "
-                        f"PyTorch's nn.Transformer.generate_square_subsequent_mask returns floats "
-                        f"0 / -inf, this course uses booleans")
-    return mask
-
-
 CAUSAL = Check(
-    name="causal_mask",
-    cases=(
-        Case("T=4", lambda g: {"T": 4}),
-        Case("T=7", lambda g: {"T": 7}),
-        Case("T=1", lambda g: {"T": 1}, hidden=True),
-        Case("T=33", lambda g: {"T": 33}, hidden=True),
-    ),
+    H.CAUSAL,
     reference=_causal_ref,
-    call=_call_mask,
     tolerance=EXACT,
-    output_names=("mask",),
     mistakes=(
         Mistake("upper triangle", lambda T: torch.ones(T, T, dtype=torch.bool).triu(),
                 "your mask lets every position see the future and hides the past: query i may attend to "
@@ -196,28 +159,6 @@ CAUSAL = Check(
 
 # ---------------------------------------------------------------------------------------------
 # 3. cross attention, against nn.MultiheadAttention with copied weights
-
-def _cross_inputs(g, B, T, S, d, heads, padded=True, scale=1.0):
-    inputs = {"x": randn(g, B, T, d, scale=scale), "memory": randn(g, B, S, d, scale=scale),
-              "d_model": d, "n_heads": heads, "memory_mask": None}
-    for name in ("W_q", "W_k", "W_v", "W_o"):
-        inputs[name] = randn(g, d, d, scale=d ** -0.5)  # nn.Linear layout: (out_features, in_features)
-    if padded:
-        lengths = torch.randint(1, S + 1, (B,), generator=g)
-        lengths[0] = max(1, S - 2)  # at least one row is really padded
-        inputs["memory_mask"] = torch.arange(S)[None, :] < lengths[:, None]
-    return inputs
-
-
-def _call_cross(impl, inputs):
-    module = impl(inputs["d_model"], inputs["n_heads"])
-    for name in ("W_q", "W_k", "W_v", "W_o"):
-        layer = getattr(module, name, None)
-        if layer is None or not hasattr(layer, "weight"):
-            raise AttributeError(f"CrossAttention must keep its projection {name} as an nn.Linear "
-                                 f"attribute (self.{name}), as in the given __init__")
-        layer.weight.copy_(inputs[name])
-    return module(inputs["x"], inputs["memory"], memory_mask=inputs["memory_mask"])
 
 
 def _cross_ref(inputs):
@@ -294,25 +235,9 @@ class _CrossBadSplit(_CrossBase):
 
 
 CROSS = Check(
-    name="CrossAttention",
-    cases=(
-        Case("batch 2, T=3 decoder positions, S=5 memory positions, d_model=8, 2 heads, padded memory",
-             lambda g: _cross_inputs(g, 2, 3, 5, 8, 2)),
-        Case("batch 2, T=S=4, d_model=8, 4 heads, no mask",
-             lambda g: _cross_inputs(g, 2, 4, 4, 8, 4, padded=False)),
-        Case("batch 2, T=S=6, d_model=12, 3 heads, padded memory",
-             lambda g: _cross_inputs(g, 2, 6, 6, 12, 3)),
-        Case("batch 3, one decoder step (T=1), S=7, d_model=16, 4 heads",
-             lambda g: _cross_inputs(g, 3, 1, 7, 16, 4), hidden=True),
-        Case("batch 1, T=5, S=1, d_model=8, 1 head", lambda g: _cross_inputs(g, 1, 5, 1, 8, 1, padded=False),
-             hidden=True),
-        Case("batch 4, T=6, S=9, d_model=32, 8 heads, padded, large inputs",
-             lambda g: _cross_inputs(g, 4, 6, 9, 32, 8, scale=3.0), hidden=True),
-    ),
+    H.CROSS,
     reference=_cross_ref,
-    call=_call_cross,
     tolerance=FP32_MODULE,
-    output_names=("output", "weights"),
     mistakes=(
         Mistake("self-attention", _CrossSelf,
                 "the result matches self-attention over the decoder states: keys and values must come "
@@ -338,16 +263,6 @@ CROSS = Check(
 
 # ---------------------------------------------------------------------------------------------
 # 4. the seq2seq loss
-
-def _loss_inputs(g, B, T, V, pad_id=PAD, reduction="mean", scale=2.0, no_pad=False):
-    logits = randn(g, B, T, V, scale=scale)
-    targets = torch.randint(0, V, (B, T), generator=g)
-    targets[targets == pad_id] = (pad_id + 1) % V  # real tokens are never the pad id
-    if not no_pad:
-        lengths = torch.randint(1, T + 1, (B,), generator=g)
-        lengths[0] = max(1, T - 2)
-        targets[torch.arange(T)[None, :] >= lengths[:, None]] = pad_id
-    return {"logits": logits, "targets": targets, "pad_id": pad_id, "reduction": reduction}
 
 
 def _loss_ref(inputs):
@@ -394,21 +309,9 @@ def _loss_always_mean(logits, targets, pad_id, reduction="mean"):
 
 
 LOSS = Check(
-    name="seq2seq_loss",
-    cases=(
-        Case("batch 2, T=5, vocabulary 7, padded, mean", lambda g: _loss_inputs(g, 2, 5, 7)),
-        Case("batch 3, T=6, vocabulary 10, padded, sum", lambda g: _loss_inputs(g, 3, 6, 10, reduction="sum")),
-        Case("batch 4, T=8, vocabulary 30, padded, mean", lambda g: _loss_inputs(g, 4, 8, 30)),
-        Case("no padding at all, mean", lambda g: _loss_inputs(g, 2, 4, 6, no_pad=True), hidden=True),
-        Case("pad id 3 (not 0), mean", lambda g: _loss_inputs(g, 4, 6, 9, pad_id=3), hidden=True),
-        Case("pad id 5 (not 0), sum", lambda g: _loss_inputs(g, 3, 7, 8, pad_id=5, reduction="sum"), hidden=True),
-        Case("large logits (+-300), mean", lambda g: _loss_inputs(g, 3, 5, 12, scale=300.0), hidden=True),
-        Case("batch 16, T=12, vocabulary 40, sum", lambda g: _loss_inputs(g, 16, 12, 40, reduction="sum"),
-             hidden=True),
-    ),
+    H.LOSS,
     reference=_loss_ref,
     tolerance=FP32_LOSS,
-    output_names=("loss",),
     mistakes=(
         Mistake("padding counted", _loss_pad_counted,
                 "the loss includes the padding positions: leave out every position whose target is pad_id."),
@@ -450,11 +353,6 @@ def _beam_ref(next_log_probs, beam_size, max_len, bos_id=BOS, eos_id=EOS):
             break
     best_score, best = max(finished, key=lambda item: item[0])
     return best, torch.tensor(best_score)
-
-
-def _beam_inputs(g, vocab_size, max_len, beam_size, sharpness=1.5):
-    scorer = TinyScorer(vocab_size, max_len, 1, sharpness=sharpness, generator=g)
-    return {"next_log_probs": scorer, "beam_size": beam_size, "max_len": max_len}
 
 
 def _describe_beam(inputs):
@@ -549,7 +447,7 @@ def _beam_last_score_only(next_log_probs, beam_size, max_len, bos_id=BOS, eos_id
 
 def _beam_reference(inputs):
     """Brute-force enumeration, greedy decoding, or the reference beam, as the case says."""
-    kind = inputs.get("_reference", "beam")
+    kind = inputs.get("_compare_with", "beam")
     clean = {k: v for k, v in inputs.items() if not k.startswith("_")}
     if kind == "brute force":
         return _beam_best_by_brute_force(clean)
@@ -558,47 +456,10 @@ def _beam_reference(inputs):
     return _beam_ref(**clean)
 
 
-def _call_beam(impl, inputs):
-    return impl(**{k: v for k, v in inputs.items() if not k.startswith("_")})
-
-
-def _with_ref(kind, make):
-    def inner(g):
-        inputs = make(g)
-        inputs["_reference"] = kind
-        return inputs
-    return inner
-
-
-def _exhaustive(g, vocab_size, max_len):
-    # No pruning is possible when the beam can hold every hypothesis with finite score.
-    inputs = _beam_inputs(g, vocab_size, max_len, beam_size=(vocab_size - 2) ** max_len)
-    inputs["_reference"] = "brute force"
-    return inputs
-
-
 BEAM = Check(
-    name="beam_search",
-    cases=(
-        Case("beam_size 1 equals greedy (vocabulary 6, max_len 5)",
-             _with_ref("greedy", lambda g: _beam_inputs(g, 6, 5, 1))),
-        Case("a beam as wide as every hypothesis finds the brute-force best (vocabulary 6, max_len 4)",
-             lambda g: _exhaustive(g, 6, 4)),
-        Case("beam_size 2, vocabulary 6, max_len 5", lambda g: _beam_inputs(g, 6, 5, 2)),
-        Case("beam_size 3, vocabulary 7, max_len 5", lambda g: _beam_inputs(g, 7, 5, 3)),
-        Case("exhaustive beam, vocabulary 5, max_len 5, brute force", lambda g: _exhaustive(g, 5, 5), hidden=True),
-        Case("exhaustive beam, vocabulary 7, max_len 3, brute force", lambda g: _exhaustive(g, 7, 3), hidden=True),
-        Case("beam_size 4, vocabulary 9, max_len 6", lambda g: _beam_inputs(g, 9, 6, 4), hidden=True),
-        Case("beam_size 3, sharp model, max_len 6", lambda g: _beam_inputs(g, 6, 6, 3, sharpness=4.0),
-             hidden=True),
-        Case("beam_size 5, max_len 1", lambda g: _beam_inputs(g, 6, 1, 5), hidden=True),
-        Case("beam_size 1 equals greedy, vocabulary 10, max_len 6",
-             _with_ref("greedy", lambda g: _beam_inputs(g, 10, 6, 1)), hidden=True),
-    ),
+    H.BEAM,
     reference=_beam_reference,
-    call=_call_beam,
     tolerance=DECODE,
-    output_names=("tokens", "score"),
     describe_inputs=_describe_beam,
     mistakes=(
         Mistake("length-normalised choice", _beam_length_normalised,

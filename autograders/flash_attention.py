@@ -5,17 +5,10 @@ Conventions (stated in the notebook too): queries ``q`` have shape ``(..., N_q, 
 ``1/sqrt(d)``; a causal query ``i`` may attend to keys ``j <= i``; ``lse`` is the log-sum-exp of each
 query's scaled scores, shape ``(..., N_q)``.
 
-Besides comparing values with PyTorch (``F.scaled_dot_product_attention``, ``torch.logsumexp`` and
-autograd through it), the checks watch how the answer is computed, because a correct number computed
-the naive way is not the exercise:
-
-* every tensor the implementation creates (forward and backward) is seen through a
-  ``TorchDispatchMode``; one larger than twice the inputs, outputs or a ``(block_q, block_k)`` tile
-  means the ``N_q x N_k`` matrix (or a block row of it) was materialised;
-* the causal variant's matrix-multiply FLOPs (counted at the dispatcher) must stay near those of
-  the blocks that are not fully masked, so fully masked blocks must be skipped, not masked;
-* the tensors the autograd Function saves for backward (``saved_tensors_hooks`` and the ``ctx``
-  attributes) must not include anything of the size of the attention matrix.
+The values are compared with PyTorch (``F.scaled_dot_product_attention``, ``torch.logsumexp`` and
+autograd through it). How the answer is computed (no attention matrix materialised, fully masked
+tiles skipped, nothing of that size saved for backward, no fused kernel) is watched by the calls in
+:mod:`autograders.harness.flash_attention`, which run in the sandbox with the student's code.
 """
 
 from __future__ import annotations
@@ -25,14 +18,13 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from autograders.engine.core import EXACT, Case, Check, CheckSet, Mistake, Tolerance, randn
+from autograders.engine.core import EXACT, Check, CheckSet, Mistake, Tolerance
+from autograders.harness import flash_attention as H
 
-CHAPTER = "06_flash_attention"
+CHAPTER = H.CHAPTER
 
-NEG_INF = float("-inf")
+NEG_INF = H.NEG_INF
 
 STATE_TOL = Tolerance(1e-5, 1e-5, "float32; folding blocks in one at a time and summing all scores at once "
                                   "round differently by ~1e-7 relative")
@@ -42,119 +34,8 @@ GRAD_TOL = Tolerance(5e-5, 1e-4, "float32 gradients recomputed tile by tile vs a
                                  "attention: sums in another order, up to ~1e-5 with sharp softmaxes")
 
 
-class TilingError(RuntimeError):
-    """The implementation computed the right thing the wrong way (materialised, did not skip, saved)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Watching what an implementation does
-
-
-def _storage_bytes(t: torch.Tensor) -> int:
-    try:
-        return t.untyped_storage().nbytes()
-    except (RuntimeError, NotImplementedError):
-        return t.numel() * t.element_size()
-
-
-def _matmul_flops(name: str, args) -> int:
-    """2 * multiply-adds of the matrix products as they reach the dispatcher (matmul becomes mm/bmm)."""
-    if name in ("aten.addmm.default", "aten.baddbmm.default"):
-        args = args[1:]
-    if name in ("aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.baddbmm.default"):
-        a, b = args[0], args[1]
-        return 2 * a.numel() * b.shape[-1]
-    if name == "aten.mv.default":
-        return 2 * args[0].numel()
-    if name == "aten.dot.default":
-        return 2 * args[0].numel()
-    return 0
-
-
-class _Watch(TorchDispatchMode):
-    """Records the largest tensor any operation creates, the FLOPs of matrix products, and calls to
-    PyTorch's fused attention (torch.utils.flop_counter does the FLOPs too, but its first use takes
-    seconds)."""
-
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        return False  # nothing here is compiled; the default would import torch._dynamo (seconds)
-
-    def __init__(self):
-        super().__init__()
-        self.largest = (0, (), "")
-        self.fused: str | None = None
-        self.flops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        if "scaled_dot_product" in name or "flash_attention" in name or "efficient_attention" in name:
-            self.fused = self.fused or name
-        self.flops += _matmul_flops(name, args)
-        out = func(*args, **(kwargs or {}))
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                size = _storage_bytes(t)
-                if size > self.largest[0]:
-                    self.largest = (size, tuple(t.shape), name)
-        return out
-
-
-def _batch(t: torch.Tensor) -> int:
-    return math.prod(t.shape[:-2])
-
-
-def _limit_bytes(q, k, v, block_q, block_k) -> int:
-    """Twice the largest of: the inputs, the output, one score tile (float32)."""
-    B, N_q, N_k, d_v = _batch(q), q.shape[-2], k.shape[-2], v.shape[-1]
-    largest = max(q.numel(), k.numel(), v.numel(), B * N_q * d_v, B * block_q * block_k)
-    return 2 * 4 * largest
-
-
-def _verdict(watch: _Watch, limit: int, what: str, block_q: int, block_k: int, N_q: int, N_k: int) -> None:
-    if watch.fused:
-        raise TilingError(f"{what} calls PyTorch's fused attention ({watch.fused}): compute the tiles "
-                          f"yourself with matrix products and your online softmax")
-    size, shape, op = watch.largest
-    if size > limit:
-        raise TilingError(
-            f"{what} created a tensor of shape {shape} ({size} bytes, by {op}) -- more than twice the "
-            f"inputs, the output or one ({block_q}, {block_k}) tile. With N_q={N_q} and N_k={N_k} that is "
-            f"the attention matrix or a block row of it: hold one (block_q, block_k) tile of scores at a "
-            f"time and keep only the running max, sum and output per query")
-
-
-def _attention_call(impl, inputs, causal=False):
-    q, k, v = inputs["q"], inputs["k"], inputs["v"]
-    bq, bk = inputs["block_q"], inputs["block_k"]
-    watch = _Watch()
-    with watch:
-        result = impl(q, k, v, block_q=bq, block_k=bk)
-    what = "causal_tiled_attention" if causal else "tiled_attention"
-    _verdict(watch, _limit_bytes(q, k, v, bq, bk), what, bq, bk, q.shape[-2], k.shape[-2])
-    if causal:
-        needed = _causal_flops(q, v, bq, bk)
-        everything = 2 * _batch(q) * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
-        done = watch.flops
-        if done > 1.25 * needed and everything > 1.25 * needed:
-            raise TilingError(
-                f"causal_tiled_attention did {done} matrix-multiply FLOPs; the ({bq}, {bk}) tiles that are "
-                f"not entirely masked need {needed} (all tiles: {everything}). Skip the tiles whose keys "
-                f"all come after the tile's last query instead of computing and masking them")
-    return result
-
-
-def _causal_flops(q, v, bq, bk) -> int:
-    """FLOPs of S = Q_i K_j^T and P_ij V_j over the tiles that are not fully masked."""
-    B, N, d, d_v = _batch(q), q.shape[-2], q.shape[-1], v.shape[-1]
-    total = 0
-    for i in range(0, N, bq):
-        rows = min(i + bq, N) - i
-        last_query = i + rows - 1
-        for j in range(0, N, bk):
-            if j <= last_query:
-                total += 2 * B * rows * (min(j + bk, N) - j) * (d + d_v)
-    return total
+TilingError = H.TilingError  # what the watch raises (materialised, did not skip, saved too much)
+_batch, _causal_flops = H._batch, H._causal_flops  # the FLOP budget of the causal task, for the tests
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,34 +147,9 @@ def _state(s: torch.Tensor, v: torch.Tensor):
     return m, p.sum(-1), p @ v
 
 
-def _update_inputs(g, n, b_prev, b, d, prefix=(), scale=1.0, shift=0.0, grow=False, masked=None):
-    prev_s = randn(g, *prefix, n, b_prev, scale=scale) + shift
-    prev_v = randn(g, *prefix, b_prev, d)
-    s = randn(g, *prefix, n, b, scale=scale) + shift
-    v = randn(g, *prefix, b, d)
-    if grow:  # every other row's maximum moves up: the old state must be rescaled
-        s[..., ::2, :] += 3.0 * scale
-    if masked == "so far":  # rows 0 and 1 have seen only masked scores; row 1 gets real ones now
-        prev_s[..., :2, :] = NEG_INF
-        s[..., 0, :] = NEG_INF
-    elif masked == "some":
-        s[..., 1::3, :2] = NEG_INF
-    m, l, acc = _state(prev_s, prev_v)
-    return {"m": m, "l": l, "acc": acc, "scores": s, "v": v, "prev_scores": prev_s, "prev_v": prev_v}
-
-
-def _smaller_block(g):
-    inputs = _update_inputs(g, 3, 5, 4, 2)
-    return inputs | {"scores": inputs["scores"] - 10.0}  # below the running max everywhere: alpha is 1
-
-
 def _update_ref(inputs):
     return _state(torch.cat([inputs["prev_scores"], inputs["scores"]], -1),
                   torch.cat([inputs["prev_v"], inputs["v"]], -2))
-
-
-def _update_call(impl, inputs):
-    return impl(inputs["m"], inputs["l"], inputs["acc"], inputs["scores"], inputs["v"])
 
 
 def _describe_update(inputs):
@@ -302,25 +158,9 @@ def _describe_update(inputs):
 
 
 UPDATE = Check(
-    name="online_softmax_update",
-    cases=(
-        Case("first block (m=-inf, l=0, acc=0), 4 rows, 5 keys, d=3", lambda g: _update_inputs(g, 4, 0, 5, 3)),
-        Case("second block; the max grows in every other row", lambda g: _update_inputs(g, 6, 4, 3, 2, grow=True)),
-        Case("rows that have seen only -inf so far", lambda g: _update_inputs(g, 4, 3, 4, 3, masked="so far")),
-        Case("batch (2, 3), scores around 100 (exp overflows)",
-             lambda g: _update_inputs(g, 5, 6, 4, 4, prefix=(2, 3), scale=5.0, shift=100.0, grow=True), hidden=True),
-        Case("the new block's scores are all smaller", _smaller_block, hidden=True),
-        Case("one key per block, d=1", lambda g: _update_inputs(g, 7, 1, 1, 1), hidden=True),
-        Case("some -inf entries in the block, batch 2", lambda g: _update_inputs(g, 6, 2, 5, 3, prefix=(2,),
-                                                                                  masked="some"), hidden=True),
-        Case("masked rows and a growing max, batch 3", lambda g: _update_inputs(g, 5, 4, 3, 2, prefix=(3,),
-                                                                                 grow=True, masked="so far"),
-             hidden=True),
-    ),
+    H.UPDATE,
     reference=_update_ref,
-    call=_update_call,
     tolerance=STATE_TOL,
-    output_names=("m", "l", "acc"),
     describe_inputs=_describe_update,
     mistakes=(
         Mistake("acc not rescaled", partial(_update, bug="acc not rescaled"),
@@ -344,12 +184,6 @@ UPDATE = Check(
 
 # ---------------------------------------------------------------------------------------------
 # 2. tiled attention (forward and logsumexp)
-
-
-def _qkv(g, N_q, N_k, d, d_v=None, prefix=(), block_q=16, block_k=16, scale=1.0):
-    d_v = d if d_v is None else d_v
-    return {"q": randn(g, *prefix, N_q, d, scale=scale), "k": randn(g, *prefix, N_k, d, scale=scale),
-            "v": randn(g, *prefix, N_k, d_v), "block_q": block_q, "block_k": block_k}
 
 
 def _lse(q, k, causal=False):
@@ -380,22 +214,9 @@ TILED_MISTAKES = (
 )
 
 TILED = Check(
-    name="tiled_attention",
-    cases=(
-        Case("N=100, d=8, tiles 32x16 (the last ones ragged)", lambda g: _qkv(g, 100, 100, 8, block_q=32, block_k=16)),
-        Case("batch 2, N_q=64, N_k=96, d=8, d_v=4, tiles 16x32",
-             lambda g: _qkv(g, 64, 96, 8, 4, prefix=(2,), block_q=16, block_k=32)),
-        Case("batch (2, 3), N=80, d=4, tiles 16x16", lambda g: _qkv(g, 80, 80, 4, prefix=(2, 3)), hidden=True),
-        Case("one query, N_k=50, tiles 8x8", lambda g: _qkv(g, 1, 50, 8, block_q=8, block_k=8), hidden=True),
-        Case("large inputs (x3: a sharp softmax), N=96, tiles 32x32",
-             lambda g: _qkv(g, 96, 96, 8, block_q=32, block_k=32, scale=3.0), hidden=True),
-        Case("tiles larger than the sequence", lambda g: _qkv(g, 20, 30, 8, block_q=64, block_k=64), hidden=True),
-        Case("1x1 tiles", lambda g: _qkv(g, 7, 9, 3, block_q=1, block_k=1), hidden=True),
-    ),
+    H.TILED,
     reference=_tiled_ref,
-    call=_attention_call,
     tolerance=ATTN_TOL,
-    output_names=("out", "lse"),
     mistakes=TILED_MISTAKES,
 )
 
@@ -404,21 +225,9 @@ TILED = Check(
 # 3. causal tiled attention that skips fully masked tiles
 
 CAUSAL = Check(
-    name="causal_tiled_attention",
-    cases=(
-        Case("N=128, d=8, tiles 16x16", lambda g: _qkv(g, 128, 128, 8)),
-        Case("batch 2, N=100, d=8, tiles 32x16", lambda g: _qkv(g, 100, 100, 8, prefix=(2,), block_q=32, block_k=16)),
-        Case("tiles 16x48 (wider than tall), N=120", lambda g: _qkv(g, 120, 120, 8, block_q=16, block_k=48),
-             hidden=True),
-        Case("batch (2, 2), N=64, d=4, d_v=6, large inputs",
-             lambda g: _qkv(g, 64, 64, 4, 6, prefix=(2, 2), scale=3.0), hidden=True),
-        Case("a single position", lambda g: _qkv(g, 1, 1, 8), hidden=True),
-        Case("one tile covers everything", lambda g: _qkv(g, 12, 12, 8, block_q=32, block_k=32), hidden=True),
-    ),
+    H.CAUSAL,
     reference=partial(_tiled_ref, causal=True),
-    call=partial(_attention_call, causal=True),
     tolerance=ATTN_TOL,
-    output_names=("out", "lse"),
     mistakes=(
         Mistake("no mask in diagonal tiles", partial(_tiled, causal=True, bug="no mask"),
                 "the result matches skipping the fully masked tiles but not masking inside the tiles that "
@@ -438,14 +247,6 @@ CAUSAL = Check(
 # 4. the autograd Function: backward recomputes the tiles from the logsumexp
 
 
-def _grad_inputs(g, N_q, N_k, d, d_v=None, prefix=(), block=16, causal=False, scale=1.0):
-    inputs = _qkv(g, N_q, N_k, d, d_v, prefix, scale=scale)
-    del inputs["block_q"], inputs["block_k"]
-    inputs |= {"causal": causal, "block_size": block,
-               "grad_out": randn(g, *prefix, N_q, inputs["v"].shape[-1])}
-    return inputs
-
-
 def _grad_ref(inputs):
     q, k, v = (inputs[n].clone().requires_grad_(True) for n in "qkv")
     with torch.enable_grad():
@@ -454,56 +255,10 @@ def _grad_ref(inputs):
     return (out.detach(), *grads)
 
 
-def _function_call(impl, inputs):
-    if not (isinstance(impl, type) and issubclass(impl, torch.autograd.Function)):
-        raise TypeError(f"expected a subclass of torch.autograd.Function (used as FlashAttention.apply), "
-                        f"got {impl!r}")
-    q, k, v = (inputs[n].clone().requires_grad_(True) for n in "qkv")
-    block = inputs["block_size"]
-    limit = _limit_bytes(q, k, v, block, block)
-    saved: list[torch.Tensor] = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    watch = _Watch()
-    with torch.enable_grad(), watch:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = impl.apply(q, k, v, inputs["causal"], block)
-        if not isinstance(out, torch.Tensor) or out.grad_fn is None:
-            raise TypeError("FlashAttention.apply must return the attention output as one tensor that "
-                            "autograd can differentiate")
-        stored = [t for t in vars(out.grad_fn).values() if isinstance(t, torch.Tensor)]
-        for t in saved + stored:
-            if _storage_bytes(t) > limit:
-                raise TilingError(
-                    f"FlashAttention saves a tensor of shape {tuple(t.shape)} for backward ({_storage_bytes(t)} "
-                    f"bytes, N_q={q.shape[-2]}, N_k={k.shape[-2]}): save only q, k, v, the output and the "
-                    f"logsumexp, and recompute the attention tiles in backward")
-        grads = torch.autograd.grad(out, (q, k, v), inputs["grad_out"])
-    _verdict(watch, limit, "FlashAttention (forward or backward)", block, block, q.shape[-2], k.shape[-2])
-    return (out.detach(), *grads)
-
-
 FUNCTION = Check(
-    name="FlashAttention",
-    cases=(
-        Case("N=64, d=8, tiles of 16, not causal", lambda g: _grad_inputs(g, 64, 64, 8)),
-        Case("batch 2, N=80, d=8, tiles of 32 (ragged), causal",
-             lambda g: _grad_inputs(g, 80, 80, 8, prefix=(2,), block=32, causal=True)),
-        Case("N_q=48, N_k=80, d=8, d_v=4, not causal", lambda g: _grad_inputs(g, 48, 80, 8, 4), hidden=True),
-        Case("batch (2, 2), N=64, d=4, causal, large inputs",
-             lambda g: _grad_inputs(g, 64, 64, 4, prefix=(2, 2), causal=True, scale=3.0), hidden=True),
-        Case("tiles larger than the sequence, causal", lambda g: _grad_inputs(g, 10, 10, 8, block=32, causal=True),
-             hidden=True),
-        Case("tiles of 8, N=60, causal, d_v=12", lambda g: _grad_inputs(g, 60, 60, 8, 12, block=8, causal=True),
-             hidden=True),
-    ),
+    H.FUNCTION,
     reference=_grad_ref,
-    call=_function_call,
     tolerance=GRAD_TOL,
-    output_names=("out", "dq", "dk", "dv"),
     mistakes=(
         Mistake("no D", _flash_function("no D"),
                 "dq and dk match dS = P * dP: the softmax's backward subtracts each row's D_i = sum_j P_ij dP_ij "
@@ -551,20 +306,9 @@ def _hbm_mistake(bug):
 
 
 HBM = Check(
-    name="hbm_accesses",
-    cases=(
-        Case("N=1024, d=64, M=25000", lambda g: {"N": 1024, "d": 64, "M": 25_000}),
-        Case("N=4096, d=128, M=100000", lambda g: {"N": 4096, "d": 128, "M": 100_000}),
-        Case("M a multiple of 4d: N=8192, d=64, M=32768", lambda g: {"N": 8192, "d": 64, "M": 32_768}, hidden=True),
-        Case("SRAM smaller than 4d (B_c = 1)", lambda g: {"N": 1000, "d": 64, "M": 100}, hidden=True),
-        Case("SRAM holds everything (T_c = 1)", lambda g: {"N": 512, "d": 64, "M": 10**9}, hidden=True),
-        Case("N=1, d=1, M=4", lambda g: {"N": 1, "d": 1, "M": 4}, hidden=True),
-        Case("N=100000, d=128, M=49152", lambda g: {"N": 100_000, "d": 128, "M": 49_152}, hidden=True),
-    ),
+    H.HBM,
     reference=_hbm_ref,
-    call=lambda impl, inputs: impl(inputs["N"], inputs["d"], inputs["M"]),
     tolerance=EXACT,
-    output_names=("standard", "flash"),
     mistakes=(
         Mistake("floor", _hbm_mistake("floor"),
                 "B_c = ceil(M / (4d)), rounded up (integers: -(-M // (4 * d)))."),

@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from autograders.engine.core import EXACT, Case, Check, CheckSet, Mistake, Tolerance
+from autograders.engine.core import EXACT, Check, CheckSet, Mistake, Tolerance
+from autograders.harness import inference_performance as H
 
-CHAPTER = "16_inference_performance"
+CHAPTER = H.CHAPTER
 
 RATIO = Tolerance(0.0, 1e-6, "a ratio of exact counts; float32 arithmetic would round it by ~1e-7")
 SECONDS = Tolerance(1e-9, 1e-9, "float64 timestamps around 1e4-1e6 s keep ~1e-10 s; float32 would lose "
@@ -22,13 +23,6 @@ _DTYPES = {1: torch.int8, 2: torch.float16, 4: torch.float32, 8: torch.float64}
 
 # ---------------------------------------------------------------------------------------------
 # 1. TTFT and TPOT from a timing trace
-
-def _trace(R, N, offset, g, first=(0.05, 0.5), gap=(0.005, 0.05)):
-    start = offset + torch.rand(R, generator=g, dtype=torch.float64) * 10
-    ttft = first[0] + torch.rand(R, 1, generator=g, dtype=torch.float64) * (first[1] - first[0])
-    gaps = gap[0] + torch.rand(R, N - 1, generator=g, dtype=torch.float64) * (gap[1] - gap[0])
-    token_times = start[:, None] + torch.cat([ttft, ttft + gaps.cumsum(1)], dim=1)
-    return {"start": start, "token_times": token_times}
 
 
 def _ttft_tpot_ref(inputs):
@@ -55,19 +49,9 @@ def _float32(start, token_times):
 
 
 TTFT_TPOT = Check(
-    name="ttft_tpot",
-    cases=(
-        Case("1 request, 5 tokens, start near 0", lambda g: _trace(1, 5, 0.0, g)),
-        Case("3 requests, 10 tokens, start near 1e4 s", lambda g: _trace(3, 10, 1e4, g)),
-        Case("2 tokens only (one decode step)", lambda g: _trace(4, 2, 100.0, g), hidden=True),
-        Case("5 requests, 32 tokens, start near 1e6 s (a long-running process)",
-             lambda g: _trace(5, 32, 1e6, g), hidden=True),
-        Case("slow prefill, fast decode", lambda g: _trace(2, 6, 50.0, g, first=(2.0, 3.0), gap=(1e-4, 1e-3)),
-             hidden=True),
-    ),
+    H.TTFT_TPOT,
     reference=_ttft_tpot_ref,
     tolerance=SECONDS,
-    output_names=("ttft", "tpot"),
     mistakes=(
         Mistake("TPOT includes the prefill", _tpot_with_prefill,
                 "your TPOT matches (last token time - start) / N, which includes the first token's wait: "
@@ -99,10 +83,6 @@ def _matmul_ref(inputs):
     return counter.get_total_flops() / moved
 
 
-def _mm_case(M, K, N, b):
-    return lambda g: {"M": M, "K": K, "N": N, "bytes_per_element": b}
-
-
 def _mm_no_two(M, K, N, bytes_per_element):
     return M * K * N / (bytes_per_element * (M * K + K * N + M * N))
 
@@ -120,15 +100,7 @@ def _mm_times_bytes(M, K, N, bytes_per_element):
 
 
 MATMUL = Check(
-    name="matmul_intensity",
-    cases=(
-        Case("square 1024 x 1024 x 1024, float32", _mm_case(1024, 1024, 1024, 4)),
-        Case("matrix-vector: M=1, K=N=4096, float16 (one token through a layer)", _mm_case(1, 4096, 4096, 2)),
-        Case("M=64 tokens, K=8192, N=8192, float16", _mm_case(64, 8192, 8192, 2), hidden=True),
-        Case("1 x 1 x 1, float32", _mm_case(1, 1, 1, 4), hidden=True),
-        Case("tall and skinny: M=4096, K=64, N=4096, bfloat16-sized", _mm_case(4096, 64, 4096, 2), hidden=True),
-        Case("int8: M=16, K=N=4096", _mm_case(16, 4096, 4096, 1), hidden=True),
-    ),
+    H.MATMUL,
     reference=_matmul_ref,
     tolerance=RATIO,
     mistakes=(
@@ -148,32 +120,9 @@ MATMUL = Check(
 # ---------------------------------------------------------------------------------------------
 # 3. roofline-predicted time
 
-def _roofline_inputs(flops, moved, peak, bw):
-    return lambda g: {"flops": torch.tensor(flops, dtype=torch.float64),
-                      "bytes_moved": torch.tensor(moved, dtype=torch.float64),
-                      "peak_flops": torch.tensor(peak, dtype=torch.float64),
-                      "bandwidth": torch.tensor(bw, dtype=torch.float64)}
-
-
-def _random_roofline(g):
-    n = 7
-    return {"flops": 10 ** (6 + 6 * torch.rand(n, generator=g, dtype=torch.float64)),
-            "bytes_moved": 10 ** (6 + 4 * torch.rand(n, generator=g, dtype=torch.float64)),
-            "peak_flops": torch.tensor(5e13, dtype=torch.float64),
-            "bandwidth": torch.tensor(2e12, dtype=torch.float64)}
-
 
 ROOFLINE = Check(
-    name="roofline_time",
-    cases=(
-        Case("one memory-bound step", _roofline_inputs([2e9], [1e9], [1e12], [1e11])),
-        Case("a compute-bound and a memory-bound step", _roofline_inputs([1e12, 1e8], [1e9, 1e9], [1e12, 1e12],
-                                                                          [2e11, 2e11])),
-        Case("seven steps on one machine (scalar peak and bandwidth)", _random_roofline, hidden=True),
-        Case("exactly at the ridge point", _roofline_inputs([4e10], [1e9], [4e12], [1e11]), hidden=True),
-        Case("no FLOPs: a pure copy", _roofline_inputs([0.0, 0.0], [1e9, 3e6], [1e13, 1e13], [1e11, 1e11]),
-             hidden=True),
-    ),
+    H.ROOFLINE,
     reference=lambda i: torch.maximum(i["flops"] / i["peak_flops"], i["bytes_moved"] / i["bandwidth"]),
     tolerance=RATIO,
     mistakes=(
@@ -204,10 +153,6 @@ def _decode_ref(inputs):
     return flops / (weights + caches)
 
 
-def _decode_case(P, B, b, kv):
-    return lambda g: {"n_params": P, "batch": B, "bytes_per_param": b, "kv_bytes_per_sequence": kv}
-
-
 def _decode_weights_per_sequence(n_params, batch, bytes_per_param, kv_bytes_per_sequence):
     return 2 * n_params * batch / (batch * (n_params * bytes_per_param + kv_bytes_per_sequence))
 
@@ -225,17 +170,7 @@ def _decode_no_two(n_params, batch, bytes_per_param, kv_bytes_per_sequence):
 
 
 DECODE = Check(
-    name="decode_intensity",
-    cases=(
-        Case("7e9 parameters, float16, batch 1, no cache", _decode_case(7_000_000_000, 1, 2, 0)),
-        Case("7e9 parameters, float16, batch 8, 0.5 GB of cache each", _decode_case(7_000_000_000, 8, 2, 500_000_000)),
-        Case("batch 64, 1 GB of cache each", _decode_case(7_000_000_000, 64, 2, 1_000_000_000), hidden=True),
-        Case("13M parameters, float32, batch 16, 4 MB of cache each", _decode_case(13_000_000, 16, 4, 4_000_000),
-             hidden=True),
-        Case("batch 256, no cache", _decode_case(70_000_000_000, 256, 2, 0), hidden=True),
-        Case("batch 1, a cache larger than the weights", _decode_case(1_000_000_000, 1, 2, 8_000_000_000),
-             hidden=True),
-    ),
+    H.DECODE,
     reference=_decode_ref,
     tolerance=RATIO,
     mistakes=(
@@ -262,22 +197,8 @@ def _chips_ref(inputs):
     return -(-total // inputs["memory_per_chip"])  # ceiling division on integers
 
 
-def _chips_case(P, b, mem, kv=0):
-    return lambda g: {"n_params": P, "bytes_per_param": b, "memory_per_chip": mem, "kv_cache_bytes": kv}
-
-
 CHIPS = Check(
-    name="chips_needed",
-    cases=(
-        Case("7e9 parameters in float16 on 80 GB chips", _chips_case(7 * 10**9, 2, 80 * 10**9)),
-        Case("70e9 parameters in float16 on 80 GB chips", _chips_case(70 * 10**9, 2, 80 * 10**9)),
-        Case("40e9 parameters in float16 (80 GB) on 230 MB chips", _chips_case(40 * 10**9, 2, 230 * 10**6)),
-        Case("exactly fills 2 chips", _chips_case(80 * 10**9, 2, 80 * 10**9), hidden=True),
-        Case("fits, until the KV cache is added", _chips_case(39 * 10**9, 2, 80 * 10**9, kv=3 * 10**9), hidden=True),
-        Case("int8 weights and 20 GB of cache on 24 GB chips", _chips_case(70 * 10**9, 1, 24 * 10**9, kv=20 * 10**9),
-             hidden=True),
-        Case("one byte too many", _chips_case(1000, 4, 1000, kv=1), hidden=True),
-    ),
+    H.CHIPS,
     reference=_chips_ref,
     tolerance=EXACT,
     mistakes=(

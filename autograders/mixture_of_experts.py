@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autograders.engine.core import EXACT, Case, Check, CheckSet, Mistake, Tolerance, randn
+from autograders.engine.core import EXACT, Check, CheckSet, Mistake, Tolerance
+from autograders.harness import mixture_of_experts as H
 
-CHAPTER = "05_mixture_of_experts"
+CHAPTER = H.CHAPTER
 
 GATES_TOL = Tolerance(1e-5, 1e-4, "float32 matrix products and a softmax; a different but correct order "
                                   "of operations moves gates by ~1e-6")
@@ -103,28 +104,8 @@ def _ktk_softmax(logits, k):
     return torch.softmax(_keep_top_k_ref(logits, k), dim=-1)
 
 
-def _ktk_case(shape, k, scale=1.0, with_inf=False):
-    def make(g):
-        logits = randn(g, *shape, scale=scale)
-        if with_inf:
-            logits[0, 0] = float("-inf")
-            logits[-1, 2] = float("-inf")
-        return {"logits": logits, "k": k}
-    return make
-
-
 KEEP_TOP_K = Check(
-    name="keep_top_k",
-    cases=(
-        Case("5 tokens, 8 experts, k=2", _ktk_case((5, 8), 2)),
-        Case("4 tokens, 6 experts, k=1", _ktk_case((4, 6), 1)),
-        Case("k = n_experts keeps everything", _ktk_case((3, 5), 5), hidden=True),
-        Case("batch (2, 3, 7), k=3", _ktk_case((2, 3, 7), 3), hidden=True),
-        Case("large logits (about +-1e4), k=2", _ktk_case((6, 4), 2, scale=1e4), hidden=True),
-        Case("a single expert", _ktk_case((4, 1), 1), hidden=True),
-        Case("some logits already -inf, k=3", _ktk_case((3, 6), 3, with_inf=True), hidden=True),
-        Case("one token given as a vector of 6, k=2", lambda g: {"logits": randn(g, 6), "k": 2}, hidden=True),
-    ),
+    H.KEEP_TOP_K,
     reference=lambda inputs: _keep_top_k_ref(inputs["logits"], inputs["k"]),
     tolerance=EXACT,
     mistakes=(
@@ -148,15 +129,6 @@ KEEP_TOP_K = Check(
 
 # ---------------------------------------------------------------------------------------------
 # 2. noisy top-k gating
-
-def _gating_inputs(g, n, d, n_experts, k, noise=True, scale=1.0):
-    return {
-        "x": randn(g, n, d, scale=scale),
-        "W_g": randn(g, d, n_experts, scale=d ** -0.5),
-        "W_noise": randn(g, d, n_experts, scale=d ** -0.5),
-        "noise": randn(g, n, n_experts) if noise else None,
-        "k": k,
-    }
 
 
 def _gating_no_softplus(x, W_g, W_noise, noise, k):
@@ -191,19 +163,9 @@ def _gating_exp_scale(x, W_g, W_noise, noise, k):
 
 
 GATING = Check(
-    name="noisy_top_k_gating",
-    cases=(
-        Case("6 tokens, d=4, 5 experts, k=2, with noise", lambda g: _gating_inputs(g, 6, 4, 5, 2)),
-        Case("8 tokens, d=6, 4 experts, k=1, noise=None", lambda g: _gating_inputs(g, 8, 6, 4, 1, noise=False)),
-        Case("k = n_experts: a dense softmax", lambda g: _gating_inputs(g, 5, 4, 3, 3), hidden=True),
-        Case("one token, 8 experts, k=2", lambda g: _gating_inputs(g, 1, 5, 8, 2), hidden=True),
-        Case("32 tokens, d=16, 16 experts, k=4", lambda g: _gating_inputs(g, 32, 16, 16, 4), hidden=True),
-        Case("large inputs (x20): sharp gates", lambda g: _gating_inputs(g, 7, 4, 6, 2, scale=20.0), hidden=True),
-        Case("12 tokens, k=3, noise=None", lambda g: _gating_inputs(g, 12, 8, 6, 3, noise=False), hidden=True),
-    ),
+    H.GATING,
     reference=lambda inputs: _gates_ref(**inputs),
     tolerance=GATES_TOL,
-    output_names=("gates",),
     mistakes=(
         Mistake("no softplus", _gating_no_softplus,
                 "your gates match noise * (x @ W_noise): the noise scale must be softplus(x @ W_noise), "
@@ -247,25 +209,10 @@ def _cv_mean_not_squared(values):
     return values.var(unbiased=False) / values.mean()
 
 
-def _positive(g, n, scale=1.0):
-    return torch.rand(n, generator=g) * scale + 0.1 * scale
-
-
 CV_SQUARED = Check(
-    name="cv_squared",
-    cases=(
-        Case("8 positive values", lambda g: {"values": _positive(g, 8)}),
-        Case("4 values around 100", lambda g: {"values": _positive(g, 4, 100.0)}),
-        Case("all equal: CV is 0", lambda g: {"values": torch.full((6,), 2.5)}, hidden=True),
-        Case("two values", lambda g: {"values": _positive(g, 2)}, hidden=True),
-        Case("one value much larger", lambda g: {"values": torch.cat([_positive(g, 5), torch.tensor([50.0])])},
-             hidden=True),
-        Case("16 values, some exactly 0", lambda g: {"values": _positive(g, 16) * (torch.rand(16, generator=g) > 0.3)},
-             hidden=True),
-    ),
+    H.CV_SQUARED,
     reference=lambda inputs: _cv_squared_ref(inputs["values"]),
     tolerance=SCALAR_TOL,
-    output_names=("cv_squared",),
     mistakes=(
         Mistake("Bessel's correction", _cv_var_bessel,
                 "your result divides the variance by n-1 (torch.var's default): use the population "
@@ -280,12 +227,6 @@ CV_SQUARED = Check(
                 "your result is var/mean: CV^2 is var/mean^2."),
     ),
 )
-
-
-def _routed_gates(g, n, n_experts, k, skew=0.0, scale=1.0):
-    logits = randn(g, n, n_experts, scale=scale)
-    logits[:, 0] += skew  # a gate that prefers expert 0
-    return torch.softmax(_keep_top_k_ref(logits, k), dim=-1)
 
 
 def _importance_ref(inputs):
@@ -313,24 +254,9 @@ def _imp_not_squared(gates, w_importance=1.0):
 
 
 IMPORTANCE = Check(
-    name="importance_loss",
-    cases=(
-        Case("16 tokens, 4 experts, k=2, w=0.1",
-             lambda g: {"gates": _routed_gates(g, 16, 4, 2), "w_importance": 0.1}),
-        Case("a gate that prefers expert 0, 20 tokens, 5 experts, k=1, w=1",
-             lambda g: {"gates": _routed_gates(g, 20, 5, 1, skew=2.0), "w_importance": 1.0}),
-        Case("perfectly balanced gates: loss 0",
-             lambda g: {"gates": torch.full((6, 3), 1 / 3), "w_importance": 0.5}, hidden=True),
-        Case("one token, 8 experts, k=2",
-             lambda g: {"gates": _routed_gates(g, 1, 8, 2), "w_importance": 0.2}, hidden=True),
-        Case("64 tokens, 16 experts, k=4, sharp gates",
-             lambda g: {"gates": _routed_gates(g, 64, 16, 4, scale=5.0), "w_importance": 0.01}, hidden=True),
-        Case("everything on expert 0 (k=1)",
-             lambda g: {"gates": _routed_gates(g, 10, 4, 1, skew=100.0), "w_importance": 1.0}, hidden=True),
-    ),
+    H.IMPORTANCE,
     reference=_importance_ref,
     tolerance=SCALAR_TOL,
-    output_names=("loss",),
     mistakes=(
         Mistake("summed per token", _imp_per_token,
                 "your loss uses the sum of each token's gates (always 1): importance is the sum over "
@@ -351,11 +277,6 @@ IMPORTANCE = Check(
 
 # ---------------------------------------------------------------------------------------------
 # 4. the smooth load estimator
-
-def _load_inputs(g, n, d, n_experts, k):
-    i = _gating_inputs(g, n, d, n_experts, k)
-    clean, noisy, std = _noisy_logits(i["x"], i["W_g"], i["W_noise"], i["noise"])
-    return {"clean_logits": clean, "noisy_logits": noisy, "noise_std": std, "k": k}
 
 
 def _load_ref_inputs(inputs):
@@ -401,18 +322,9 @@ def _load_sigmoid(clean_logits, noisy_logits, noise_std, k):
 
 
 LOAD = Check(
-    name="smooth_load",
-    cases=(
-        Case("8 tokens, 4 experts, k=1", lambda g: _load_inputs(g, 8, 4, 4, 1)),
-        Case("10 tokens, 6 experts, k=2", lambda g: _load_inputs(g, 10, 5, 6, 2)),
-        Case("k = n_experts - 1", lambda g: _load_inputs(g, 9, 4, 5, 4), hidden=True),
-        Case("k = n_experts: every expert always chosen", lambda g: _load_inputs(g, 7, 4, 3, 3), hidden=True),
-        Case("one token, 8 experts, k=2", lambda g: _load_inputs(g, 1, 4, 8, 2), hidden=True),
-        Case("32 tokens, 16 experts, k=4", lambda g: _load_inputs(g, 32, 16, 16, 4), hidden=True),
-    ),
+    H.LOAD,
     reference=_load_ref_inputs,
     tolerance=LOAD_TOL,
-    output_names=("load",),
     mistakes=(
         Mistake("threshold includes the expert itself", _load_with_self,
                 "your load compares every expert with the k-th largest noisy logit of ALL experts: "
@@ -439,71 +351,6 @@ LOAD = Check(
 
 # ---------------------------------------------------------------------------------------------
 # 5. the MoE layer
-
-def _moe_inputs(g, n, d, h, n_experts, k, noise=True, w_importance=0.1, w_load=0.1, scale=1.0):
-    return {
-        "d_model": d, "d_hidden": h, "n_experts": n_experts, "k": k,
-        "w_importance": w_importance, "w_load": w_load,
-        "x": randn(g, n, d, scale=scale),
-        "noise": randn(g, n, n_experts) if noise else None,
-        "w_gate": randn(g, d, n_experts, scale=d ** -0.5),
-        "w_noise": randn(g, d, n_experts, scale=d ** -0.5),
-        "fc1_weight": randn(g, n_experts, h, d, scale=d ** -0.5),
-        "fc1_bias": randn(g, n_experts, h, scale=0.1),
-        "fc2_weight": randn(g, n_experts, d, h, scale=h ** -0.5),
-        "fc2_bias": randn(g, n_experts, d, scale=0.1),
-    }
-
-
-class _Counting(nn.Module):
-    """Wraps an expert and counts the token rows it is called on."""
-
-    def __init__(self, expert: nn.Module):
-        super().__init__()
-        self.inner = expert
-        self.rows = 0
-
-    @property
-    def fc1(self):
-        return self.inner.fc1
-
-    @property
-    def fc2(self):
-        return self.inner.fc2
-
-    def forward(self, x):
-        self.rows += x.reshape(-1, x.shape[-1]).shape[0]
-        return self.inner(x)
-
-
-def _call_moe(impl, inputs):
-    i = inputs
-    module = impl(i["d_model"], i["d_hidden"], i["n_experts"], i["k"],
-                  w_importance=i["w_importance"], w_load=i["w_load"])
-    for name in ("w_gate", "w_noise"):
-        p = getattr(module, name, None)
-        if not isinstance(p, torch.Tensor) or tuple(p.shape) != tuple(i[name].shape):
-            raise AttributeError(f"MoE must keep its gate matrix self.{name} of shape "
-                                 f"(d_model, n_experts) = {tuple(i[name].shape)}, as in the given __init__")
-        p.copy_(i[name])
-    experts = getattr(module, "experts", None)
-    if not isinstance(experts, nn.ModuleList) or len(experts) != i["n_experts"]:
-        raise AttributeError("MoE must keep its experts in self.experts, an nn.ModuleList of "
-                             f"{i['n_experts']} Expert modules, as in the given __init__")
-    for e, expert in enumerate(experts):
-        for layer in ("fc1", "fc2"):
-            lin = getattr(expert, layer, None)
-            if lin is None:
-                raise AttributeError(f"each expert needs the linear layers .fc1 and .fc2 of the given Expert class")
-            lin.weight.copy_(i[f"{layer}_weight"][e])
-            lin.bias.copy_(i[f"{layer}_bias"][e])
-    counters = [_Counting(e) for e in experts]
-    module.experts = nn.ModuleList(counters)
-    result = module(i["x"], noise=i["noise"])
-    if not isinstance(result, (tuple, list)) or len(result) != 2:
-        raise TypeError("MoE.forward must return the pair (output, balancing_loss)")
-    y, aux = result
-    return y, aux, torch.tensor([c.rows for c in counters], dtype=torch.float32)
 
 
 def _expert_ref(i, e, x):
@@ -606,24 +453,9 @@ class _MoEImportanceOnly(_MoEBase):
 
 
 MOE = Check(
-    name="MoE",
-    cases=(
-        Case("12 tokens, d_model=8, d_hidden=16, 4 experts, k=2, with noise",
-             lambda g: _moe_inputs(g, 12, 8, 16, 4, 2)),
-        Case("k = n_experts = 3: the dense softmax mixture",
-             lambda g: _moe_inputs(g, 6, 8, 8, 3, 3)),
-        Case("k=1, noise=None", lambda g: _moe_inputs(g, 10, 6, 12, 5, 1, noise=False), hidden=True),
-        Case("one token, 4 experts, k=2", lambda g: _moe_inputs(g, 1, 8, 8, 4, 2), hidden=True),
-        Case("2 tokens, 8 experts, k=1: most experts get no token",
-             lambda g: _moe_inputs(g, 2, 8, 8, 8, 1), hidden=True),
-        Case("64 tokens, d_model=16, 8 experts, k=2, w_importance=1, w_load=0.5",
-             lambda g: _moe_inputs(g, 64, 16, 32, 8, 2, w_importance=1.0, w_load=0.5), hidden=True),
-        Case("k = n_experts = 4, noise=None", lambda g: _moe_inputs(g, 9, 8, 8, 4, 4, noise=False), hidden=True),
-    ),
+    H.MOE,
     reference=_moe_ref,
-    call=_call_moe,
     tolerance=MOE_TOL,
-    output_names=("output", "balancing_loss", "tokens_per_expert"),
     mistakes=(
         Mistake("dense mixture", _MoEDense,
                 "your output matches a softmax over ALL experts: combine only the k experts that "

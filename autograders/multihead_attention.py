@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from autograders.engine.core import EXACT, Case, Check, CheckSet, Mistake, Tolerance, randn
+from autograders.engine.core import EXACT, Check, CheckSet, Mistake, Tolerance
+from autograders.harness import multihead_attention as H
 
-CHAPTER = "02_multihead_attention"
+CHAPTER = H.CHAPTER
 
 RESHAPE = Tolerance(0.0, 0.0, "splitting and merging heads only moves numbers: they must be equal")
 FP32_MODULE = Tolerance(1e-4, 1e-4, "float32, compared with nn.MultiheadAttention whose fused kernels "
@@ -51,20 +52,8 @@ def _split_heads_last(x, num_heads):
     return x.reshape(B, T, num_heads, d // num_heads)
 
 
-def _split_inputs(B, T, d, h):
-    return lambda g: {"x": randn(g, B, T, d), "num_heads": h}
-
-
 SPLIT = Check(
-    name="split_heads",
-    cases=(
-        Case("B=2, T=3, d_model=8, 2 heads", _split_inputs(2, 3, 8, 2)),
-        Case("B=1, T=5, d_model=12, 3 heads", _split_inputs(1, 5, 12, 3)),
-        Case("one head (d_head = d_model)", _split_inputs(2, 4, 6, 1), hidden=True),
-        Case("d_head = 1 (as many heads as features)", _split_inputs(3, 2, 4, 4), hidden=True),
-        Case("T equal to the number of heads", _split_inputs(2, 4, 16, 4), hidden=True),
-        Case("B=4, T=1, d_model=32, 8 heads", _split_inputs(4, 1, 32, 8), hidden=True),
-    ),
+    H.SPLIT,
     reference=_split_ref,
     tolerance=RESHAPE,
     mistakes=(
@@ -101,20 +90,8 @@ def _merge_mean(x):
     return x.mean(dim=1)
 
 
-def _merge_inputs(B, h, T, dh):
-    return lambda g: {"x": randn(g, B, h, T, dh)}
-
-
 MERGE = Check(
-    name="merge_heads",
-    cases=(
-        Case("B=2, 2 heads, T=3, d_head=4", _merge_inputs(2, 2, 3, 4)),
-        Case("B=1, 3 heads, T=5, d_head=2", _merge_inputs(1, 3, 5, 2)),
-        Case("one head", _merge_inputs(2, 1, 4, 6), hidden=True),
-        Case("d_head = 1", _merge_inputs(3, 4, 2, 1), hidden=True),
-        Case("T equal to the number of heads", _merge_inputs(2, 4, 4, 4), hidden=True),
-        Case("B=4, 8 heads, T=1, d_head=4", _merge_inputs(4, 8, 1, 4), hidden=True),
-    ),
+    H.MERGE,
     reference=_merge_ref,
     tolerance=RESHAPE,
     mistakes=(
@@ -133,29 +110,7 @@ MERGE = Check(
 # ---------------------------------------------------------------------------------------------
 # 3. MultiHeadAttention, against nn.MultiheadAttention with copied weights
 
-PROJECTIONS = ("W_q", "W_k", "W_v", "W_o")
-
-
-def _mha_inputs(B, T, d, h, mask=None, lengths=None, scale=1.0, window=1):
-    def make(g):
-        inputs = {"x": randn(g, B, T, d, scale=scale), "d_model": d, "num_heads": h,
-                  "mask": None, "key_mask": None}
-        for name in PROJECTIONS:  # nn.Linear layout: weight (out_features, in_features), bias (out,)
-            inputs[name] = randn(g, d, d, scale=d ** -0.5)
-            inputs[name + "_bias"] = randn(g, d, scale=0.5)
-        i = torch.arange(T)
-        if mask == "causal":
-            inputs["mask"] = i[:, None] >= i[None, :]
-        elif mask == "window":
-            inputs["mask"] = (i[:, None] - i[None, :]).abs() <= window
-        elif mask == "random":
-            m = torch.rand(B, T, T, generator=g) < 0.5
-            m[:, :, 0] = True  # key 0 is never padded: no query has every key masked
-            inputs["mask"] = m
-        if lengths is not None:
-            inputs["key_mask"] = i[None, :] < torch.tensor(lengths)[:, None]
-        return inputs
-    return make
+PROJECTIONS = H.PROJECTIONS
 
 
 def _describe_mha(inputs):
@@ -166,19 +121,6 @@ def _describe_mha(inputs):
     if inputs["key_mask"] is not None:
         text += f", key_mask with lengths {inputs['key_mask'].sum(1).tolist()}"
     return text
-
-
-def _call_mha(impl, inputs):
-    module = impl(inputs["d_model"], inputs["num_heads"])
-    for name in PROJECTIONS:
-        layer = getattr(module, name, None)
-        if not isinstance(layer, nn.Linear) or layer.bias is None:
-            raise AttributeError(f"MultiHeadAttention must keep {name} as an nn.Linear(d_model, d_model) "
-                                 f"with a bias (self.{name}), as in the given __init__")
-        layer.weight.copy_(inputs[name])
-        layer.bias.copy_(inputs[name + "_bias"])
-    module.eval()
-    return module(inputs["x"], mask=inputs["mask"], key_mask=inputs["key_mask"])
 
 
 def _mha_ref(inputs):
@@ -252,23 +194,9 @@ def _mha_variant(**switches):
 
 
 MHA = Check(
-    name="MultiHeadAttention",
-    cases=(
-        Case("B=2, T=5, d_model=8, 2 heads, no mask", _mha_inputs(2, 5, 8, 2)),
-        Case("B=2, T=6, d_model=12, 3 heads, padded keys", _mha_inputs(2, 6, 12, 3, lengths=[6, 4])),
-        Case("B=1, T=4, d_model=8, 2 heads, causal mask", _mha_inputs(1, 4, 8, 2, mask="causal")),
-        Case("one head", _mha_inputs(2, 4, 6, 1), hidden=True),
-        Case("d_head = 1 (4 heads, d_model=4)", _mha_inputs(2, 3, 4, 4), hidden=True),
-        Case("causal mask and padded keys", _mha_inputs(3, 7, 16, 4, mask="causal", lengths=[7, 2, 5]),
-             hidden=True),
-        Case("a different mask per sequence (B, T, T)", _mha_inputs(2, 6, 8, 2, mask="random"), hidden=True),
-        Case("window mask, large inputs", _mha_inputs(2, 9, 16, 4, mask="window", scale=4.0), hidden=True),
-        Case("T=1", _mha_inputs(3, 1, 8, 2, lengths=[1, 1, 1]), hidden=True),
-    ),
+    H.MHA,
     reference=_mha_ref,
-    call=_call_mha,
     tolerance=FP32_MODULE,
-    output_names=("output", "weights"),
     describe_inputs=_describe_mha,
     mistakes=(
         Mistake("scaled by sqrt(d_model)", _mha_variant(scale_by="d_model"),
@@ -322,20 +250,8 @@ def _sinusoid_generic(T, d_model, *, layout="pairs", swap=False, exponent="2i", 
     return table.float()
 
 
-def _pe_inputs(T, d):
-    return lambda g: {"T": T, "d_model": d}
-
-
 SINUSOID_CHECK = Check(
-    name="sinusoidal_encoding",
-    cases=(
-        Case("T=6, d_model=8", _pe_inputs(6, 8)),
-        Case("T=50, d_model=16", _pe_inputs(50, 16)),
-        Case("a single position", _pe_inputs(1, 4), hidden=True),
-        Case("d_model=2 (one frequency)", _pe_inputs(10, 2), hidden=True),
-        Case("d_model=6, not a power of two", _pe_inputs(12, 6), hidden=True),
-        Case("T=256, d_model=128", _pe_inputs(256, 128), hidden=True),
-    ),
+    H.SINUSOID_CHECK,
     reference=_sinusoid_ref,
     tolerance=SINUSOID,
     mistakes=(
@@ -359,14 +275,6 @@ SINUSOID_CHECK = Check(
 # ---------------------------------------------------------------------------------------------
 # 5-7. masks: window (CNN), causal (unidirectional RNN), graph adjacency (GNN)
 
-def _boolean(impl, inputs):
-    mask = impl(**inputs)
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        kind = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise TypeError(f"a mask must be a boolean tensor (dtype torch.bool), got {kind}: "
-                        f"compare with <=, >=, == or use .bool()")
-    return mask
-
 
 def _grid(T):
     i = torch.arange(T)
@@ -378,22 +286,9 @@ def _window_ref(inputs):
     return (q - k).abs() <= inputs["w"]
 
 
-def _window_inputs(T, w):
-    return lambda g: {"T": T, "w": w}
-
-
 WINDOW = Check(
-    name="window_mask",
-    cases=(
-        Case("T=6, w=1 (kernel size 3)", _window_inputs(6, 1)),
-        Case("T=8, w=2", _window_inputs(8, 2)),
-        Case("w=0: every query sees only itself", _window_inputs(5, 0), hidden=True),
-        Case("w larger than the sequence", _window_inputs(4, 10), hidden=True),
-        Case("T=1", _window_inputs(1, 3), hidden=True),
-        Case("T=20, w=3", _window_inputs(20, 3), hidden=True),
-    ),
+    H.WINDOW,
     reference=_window_ref,
-    call=_boolean,
     tolerance=EXACT,
     mistakes=(
         Mistake("strict inequality", lambda T, w: (_grid(T)[0] - _grid(T)[1]).abs() < w,
@@ -417,16 +312,8 @@ def _causal_ref(inputs):
 
 
 CAUSAL = Check(
-    name="causal_mask",
-    cases=(
-        Case("T=4", lambda g: {"T": 4}),
-        Case("T=7", lambda g: {"T": 7}),
-        Case("T=1", lambda g: {"T": 1}, hidden=True),
-        Case("T=2", lambda g: {"T": 2}, hidden=True),
-        Case("T=33", lambda g: {"T": 33}, hidden=True),
-    ),
+    H.CAUSAL,
     reference=_causal_ref,
-    call=_boolean,
     tolerance=EXACT,
     mistakes=(
         Mistake("upper triangle", lambda T: torch.ones(T, T, dtype=torch.bool).triu(),
@@ -468,33 +355,9 @@ def _graph_reversed_only(edges, num_nodes):
     return adjacency
 
 
-def _graph_inputs(edges, n):
-    return lambda g: {"edges": torch.tensor(edges, dtype=torch.long).reshape(-1, 2), "num_nodes": n}
-
-
-def _random_graph(n, p):
-    def make(g):
-        pairs = [(a, b) for a in range(n) for b in range(a + 1, n)]
-        keep = torch.rand(len(pairs), generator=g) < p
-        edges = [pair if torch.rand(1, generator=g).item() < 0.5 else pair[::-1]
-                 for pair, k in zip(pairs, keep.tolist()) if k]
-        return {"edges": torch.tensor(edges, dtype=torch.long).reshape(-1, 2), "num_nodes": n}
-    return make
-
-
 GRAPH = Check(
-    name="graph_mask",
-    cases=(
-        Case("a path 0-1-2-3", _graph_inputs([[0, 1], [1, 2], [2, 3]], 4)),
-        Case("a star around node 2, edges in both orders", _graph_inputs([[2, 0], [1, 2], [2, 3], [4, 2]], 5)),
-        Case("a node without edges", _graph_inputs([[0, 1], [1, 2]], 4), hidden=True),
-        Case("no edges at all", _graph_inputs([], 3), hidden=True),
-        Case("an edge listed twice and a self loop", _graph_inputs([[0, 1], [1, 0], [2, 2], [1, 2]], 3),
-             hidden=True),
-        Case("a random graph on 12 nodes", _random_graph(12, 0.3), hidden=True),
-    ),
+    H.GRAPH,
     reference=_graph_ref,
-    call=_boolean,
     tolerance=EXACT,
     mistakes=(
         Mistake("no self loops", _graph_no_self_loops,

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autograders.engine.core import Case, Check, CheckSet, Mistake, Tolerance, randn
+from autograders.engine.core import Check, CheckSet, Mistake, Tolerance
+from autograders.harness import self_attention as H
 
-CHAPTER = "01_self_attention"
+CHAPTER = H.CHAPTER
 
 FP32 = Tolerance(1e-5, 1e-4, "float32 sums of a few dozen terms; a different but correct order of "
                              "operations differs by ~1e-6")
@@ -54,26 +55,8 @@ def _softmax_global_sum(scores, dim=-1):
     return e / e.sum()
 
 
-def _with_inf(g):
-    s = randn(g, 4, 6)
-    s[0, 1] = s[2, 0] = s[2, 5] = s[3, 3] = float("-inf")
-    return {"scores": s, "dim": -1}
-
-
 SOFTMAX = Check(
-    name="stable_softmax",
-    cases=(
-        Case("one row of 5 scores", lambda g: {"scores": randn(g, 5), "dim": -1}),
-        Case("4x6 matrix, along the last axis", lambda g: {"scores": randn(g, 4, 6), "dim": -1}),
-        Case("3x5 matrix, along axis 0", lambda g: {"scores": randn(g, 3, 5), "dim": 0}),
-        Case("scores around 100 (exp overflows in float32)",
-             lambda g: {"scores": randn(g, 2, 5, scale=5.0) + 100.0, "dim": -1}),
-        Case("large scores (about +-1000)", lambda g: {"scores": randn(g, 3, 7, scale=1000.0), "dim": -1},
-             hidden=True),
-        Case("masked entries set to -inf", _with_inf, hidden=True),
-        Case("batch 2x3x4, along axis 1", lambda g: {"scores": randn(g, 2, 3, 4), "dim": 1}, hidden=True),
-        Case("a single score", lambda g: {"scores": randn(g, 1), "dim": -1}, hidden=True),
-    ),
+    H.SOFTMAX,
     reference=_softmax_ref,
     tolerance=Tolerance(1e-6, 1e-5, "probabilities in [0, 1] from float32 exp; exact up to rounding"),
     mistakes=(
@@ -118,15 +101,7 @@ def _scores_kq(Q, K):
 
 
 SCORES = Check(
-    name="scaled_scores",
-    cases=(
-        Case("3 queries, 4 keys, d=8", lambda g: {"Q": randn(g, 3, 8), "K": randn(g, 4, 8)}),
-        Case("4 queries, 4 keys, d=16", lambda g: {"Q": randn(g, 4, 16), "K": randn(g, 4, 16)}),
-        Case("batched: (2, 5, 16) and (2, 7, 16)", lambda g: {"Q": randn(g, 2, 5, 16), "K": randn(g, 2, 7, 16)},
-             hidden=True),
-        Case("d=1", lambda g: {"Q": randn(g, 3, 1), "K": randn(g, 2, 1)}, hidden=True),
-        Case("one query, 6 keys, d=32", lambda g: {"Q": randn(g, 1, 32), "K": randn(g, 6, 32)}, hidden=True),
-    ),
+    H.SCORES,
     reference=_scores_ref,
     tolerance=FP32,
     mistakes=(
@@ -145,16 +120,6 @@ SCORES = Check(
 
 # ---------------------------------------------------------------------------------------------
 # 3-4. attention from a sequence: loop form and matrix form
-
-def _projections(g, T, d_in, d_k, d_v, batch=None, scale=1.0):
-    shape = (T, d_in) if batch is None else (batch, T, d_in)
-    return {
-        "X": randn(g, *shape, scale=scale),
-        "W_q": randn(g, d_in, d_k, scale=d_in ** -0.5),
-        "W_k": randn(g, d_in, d_k, scale=d_in ** -0.5),
-        "W_v": randn(g, d_in, d_v, scale=d_in ** -0.5),
-    }
-
 
 def _attention_ref(inputs):
     X = inputs["X"]
@@ -206,14 +171,7 @@ ATTENTION_MISTAKES = (
 )
 
 LOOP = Check(
-    name="attention_loop",
-    cases=(
-        Case("T=4, d_in=3, d_k=d_v=2", lambda g: _projections(g, 4, 3, 2, 2)),
-        Case("T=6, d_in=8, d_k=4, d_v=5", lambda g: _projections(g, 6, 8, 4, 5)),
-        Case("a single position (T=1)", lambda g: _projections(g, 1, 4, 3, 3), hidden=True),
-        Case("T=9, d_in=16, d_k=8, d_v=4", lambda g: _projections(g, 9, 16, 8, 4), hidden=True),
-        Case("large inputs (x10)", lambda g: _projections(g, 5, 6, 6, 6, scale=10.0), hidden=True),
-    ),
+    H.LOOP,
     reference=_attention_ref,
     tolerance=FP32_SHARP,
     mistakes=tuple(Mistake(n, f, h) for (n, h), f in zip(
@@ -233,47 +191,15 @@ def _matrix_mistake(flavour):
 
 
 MATRIX = Check(
-    name="attention_matrix",
-    cases=(
-        Case("one sequence, T=5, d_in=4, d_k=d_v=3", lambda g: _projections(g, 5, 4, 3, 3)),
-        Case("batch of 2, T=4, d_in=6, d_k=4, d_v=2", lambda g: _projections(g, 4, 6, 4, 2, batch=2)),
-        Case("batch of 3, T=1", lambda g: _projections(g, 1, 4, 4, 4, batch=3), hidden=True),
-        Case("batch of 2, T=12, d_k=32, large inputs", lambda g: _projections(g, 12, 16, 32, 8, batch=2, scale=5.0),
-             hidden=True),
-    ),
+    H.MATRIX,
     reference=lambda inputs: (_attention_ref(inputs), _attention_weights_ref(inputs)),
     tolerance=FP32_SHARP,
-    output_names=("output", "weights"),
     mistakes=tuple(Mistake(n, _matrix_mistake(n), h) for n, h in ATTENTION_MISTAKES),
 )
 
 
 # ---------------------------------------------------------------------------------------------
 # 5. the SelfAttention module, against nn.MultiheadAttention with one head and copied weights
-
-def _module_inputs(g, B, T, d, mask=None, scale=1.0):
-    inputs = {"x": randn(g, B, T, d, scale=scale), "d_model": d, "mask": None}
-    for name in ("W_q", "W_k", "W_v"):
-        inputs[name] = randn(g, d, d, scale=d ** -0.5)  # nn.Linear layout: (out_features, in_features)
-    if mask == "causal":
-        inputs["mask"] = torch.ones(T, T, dtype=torch.bool).tril()
-    elif mask == "random":
-        m = torch.rand(B, T, T, generator=g) < 0.6
-        m |= torch.eye(T, dtype=torch.bool)  # every query may see at least itself
-        inputs["mask"] = m
-    return inputs
-
-
-def _call_module(impl, inputs):
-    module = impl(inputs["d_model"])
-    for name in ("W_q", "W_k", "W_v"):
-        layer = getattr(module, name, None)
-        if layer is None or not hasattr(layer, "weight"):
-            raise AttributeError(f"SelfAttention must keep its projection {name} as an nn.Linear "
-                                 f"attribute (self.{name}), as in the given __init__")
-        layer.weight.copy_(inputs[name])
-    return module(inputs["x"], mask=inputs["mask"])
-
 
 def _module_ref(inputs):
     d = inputs["d_model"]
@@ -340,20 +266,9 @@ class _ModuleUnscaled(_ModuleBase):
 
 
 MODULE = Check(
-    name="SelfAttention",
-    cases=(
-        Case("batch 2, T=4, d_model=8, no mask", lambda g: _module_inputs(g, 2, 4, 8)),
-        Case("batch 1, T=5, d_model=8, causal mask", lambda g: _module_inputs(g, 1, 5, 8, mask="causal")),
-        Case("batch 3, T=7, d_model=16, a different mask per sequence",
-             lambda g: _module_inputs(g, 3, 7, 16, mask="random"), hidden=True),
-        Case("batch 2, T=1, d_model=4", lambda g: _module_inputs(g, 2, 1, 4), hidden=True),
-        Case("batch 2, T=6, d_model=12, causal mask, large inputs",
-             lambda g: _module_inputs(g, 2, 6, 12, mask="causal", scale=4.0), hidden=True),
-    ),
+    H.MODULE,
     reference=_module_ref,
-    call=_call_module,
     tolerance=FP32_MODULE,
-    output_names=("output", "weights"),
     mistakes=(
         Mistake("inverted mask", _InvertedMask,
                 "the result matches a mask used the wrong way round: True means the query MAY attend "
