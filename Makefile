@@ -13,13 +13,16 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 SUBMISSIONS ?=
 GRADE_WORKERS ?= 2
 
-.PHONY: help setup lab test test-fast release book bench grade clean
+.PHONY: help setup work lab instructor validate assignment test test-fast release book bench grade clean
 
 help:
-	@echo "make lab      set up if needed, then JupyterLab on chapters/ at http://127.0.0.1:8888"
+	@echo "make lab      set up if needed, copy new chapters into work/ (never overwriting), JupyterLab on work/"
+	@echo "make validate NOTEBOOK=work/01_self_attention/self_attention.ipynb   run a notebook's visible checks"
+	@echo "make instructor   JupyterLab with nbgrader's instructor tools (formgrader) on the course directory"
+	@echo "make assignment CHAPTER=01_self_attention   record a chapter in gradebook.db (chapters/ untouched)"
 	@echo "make test     set up if needed, then the whole test suite"
 	@echo "make release  regenerate chapters/ from solutions/ (CHAPTER=NN_name for one)"
-	@echo "make book     build the Jupyter Book into _build/html (executes every chapter)"
+	@echo "make book     build the book: _build/student/index.html (no solutions) and _build/instructor/"
 	@echo "make bench    time every solution notebook, then the attention, KV-cache and MoE benchmarks"
 	@echo "              -> benchmarks/results/ (a few minutes; CHAPTER=NN_name times one notebook only)"
 	@echo "make grade SUBMISSIONS=submitted/ CHAPTER=01_self_attention   sandboxed grading of a class"
@@ -38,9 +41,26 @@ $(STAMP): requirements.txt pyproject.toml
 
 setup: $(STAMP)
 
-lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.port=8888 --no-browser --allow-root \
-		--ServerApp.root_dir=chapters
+work: $(STAMP)
+	@$(PY) tools/workspace.py
+
+# Students get student tools only (no formgrader, no exchange): config/student/ disables the rest.
+lab: work
+	JUPYTER_CONFIG_DIR=$(CURDIR)/config/student $(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 \
+		--ServerApp.port=8888 --no-browser --allow-root --ServerApp.root_dir=work
+
+instructor: $(STAMP)
+	JUPYTER_CONFIG_DIR=$(CURDIR)/config/instructor $(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 \
+		--ServerApp.port=8889 --no-browser --allow-root --ServerApp.root_dir=$(CURDIR)
+
+NOTEBOOK ?=
+validate: $(STAMP)
+	@test -n "$(NOTEBOOK)" || { echo "usage: make validate NOTEBOOK=work/01_self_attention/self_attention.ipynb"; exit 2; }
+	$(PY) -m autograders.engine.validate $(NOTEBOOK)
+
+assignment: $(STAMP)
+	@test -n "$(CHAPTER)" || { echo "usage: make assignment CHAPTER=01_self_attention"; exit 2; }
+	$(PY) -m autograders.engine.assignment $(CHAPTER)
 
 test: $(STAMP)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --nbval-lax

@@ -18,3 +18,12 @@ c.ClearSolutions.text_stub = "YOUR ANSWER HERE"
 # A chapter runs in under a minute; one cell may train for a while on a slow laptop.
 c.ExecutePreprocessor.timeout = 600
 c.ExecutePreprocessor.interrupt_on_timeout = True
+
+# `nbgrader autograde` restores the hidden tests of released test cells without a "checksum has
+# changed" warning per cell (other changes are still reported); see autograders/engine/nbgrader_ext.py.
+from nbgrader.preprocessors import CheckCellMetadata, ClearOutput, DeduplicateIds, OverwriteKernelspec  # noqa: E402
+
+from autograders.engine.nbgrader_ext import OverwriteCellsQuietly  # noqa: E402
+
+c.Autograde.sanitize_preprocessors = [ClearOutput, DeduplicateIds, OverwriteKernelspec, OverwriteCellsQuietly,
+                                      CheckCellMetadata]

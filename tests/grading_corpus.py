@@ -289,7 +289,208 @@ for path in ["{repo_file}", "/usr/lib/evil", "/etc/evil", "{ROOT}/evil.txt", "/r
     insert_after_setup(nb, "import socket\ntry:\n    socket.create_connection(('1.1.1.1', 80), timeout=2)\n"
                            "    print('network reachable')\nexcept OSError as exc:\n    print('no network', exc)")
     add("network_attempt", FULL, nb)
+    k += wider_corpus()
     return k
+
+
+# ---------------------------------------------------------------------------------------------
+# The wider attack: whatever runs in the sandbox tries to make up its own results
+
+
+FRAME = """
+import json as _json, os as _os, struct as _struct
+def _frame(header, blobs=()):
+    head = _json.dumps({**header, "sizes": [len(b) for b in blobs]}).encode()
+    body = _struct.pack(">I", len(head)) + head + b"".join(blobs)
+    return _struct.pack(">I", len(body)) + body
+def _pipes():
+    out = []
+    for fd in range(3, 64):
+        try:
+            if _os.path.basename(_os.readlink(f"/proc/self/fd/{fd}")).startswith("pipe:"):
+                out.append(fd)
+        except OSError:
+            pass
+    return out
+"""
+
+STEAL_REFERENCE = '''def stable_softmax(scores, dim=-1):
+    import importlib
+    for name in ("autograders.self_attention", "autograders.harness.self_attention"):
+        try:
+            mod = importlib.import_module(name)
+        except Exception:
+            continue
+        check = getattr(mod, "CHECKS", None) or getattr(mod, "TASKS", None)
+        for obj in vars(mod).values():
+            ref = getattr(obj, "reference", None)
+            if callable(ref):
+                return ref({"scores": scores, "dim": dim})
+    raise RuntimeError("no reference in reach")
+'''
+
+PATCH_HARNESS = '''import torch
+import autograders.engine.core as core
+import autograders.harness.self_attention as H
+# make every task trivial, and produce() claim zeros for every case
+for task in H.TASKS.tasks.values():
+    object.__setattr__(task, "call", lambda impl, inputs: torch.zeros(1))
+_real = core.produce
+def _fake(task, impl, seed, hidden, **kw):
+    return {c.name: core.Produced((core.np.zeros(1, dtype="float32"),)) for c in task.cases}
+core.produce = _fake
+'''
+
+FORGE_RECORDS = FRAME + '''import numpy as _np, io as _io
+def _npy(a):
+    buf = _io.BytesIO(); _np.save(buf, a, allow_pickle=False); return buf.getvalue()
+for fd in _pipes():
+    for ex, check in [("test_stable_softmax", "stable_softmax"), ("test_SelfAttention", "SelfAttention"),
+                      ("test_scaled_scores", "scaled_scores")]:
+        cases = {f"case {i}": {"error": None, "kind": "error", "arrays": [0]} for i in range(10)}
+        try:
+            _os.write(fd, _frame({"t": "record", "exercise": ex, "checks": {check: {"cases": cases}}},
+                                 [_npy(_np.zeros((2, 3), _np.float32))]))
+            _os.write(fd, _frame({"t": "step", "step": "end"}))
+        except OSError:
+            pass
+'''
+
+HUGE_FRAME = FRAME + '''for fd in _pipes():
+    try:
+        _os.write(fd, _struct.pack(">I", 2**31 - 1) + b"\\0" * 65536)
+    except OSError:
+        pass
+'''
+
+ORACLE_ABUSE = FRAME + '''def stable_softmax(scores, dim=-1):
+    """Ask the grader's given-function channel for the answer to this very exercise."""
+    import numpy as _np, io as _io
+    buf = _io.BytesIO(); _np.save(buf, scores.numpy(), allow_pickle=False)
+    pipes = _pipes()
+    tree = {"seq": [{"seq": [{"tensor": 0, "dtype": "float32"}, {"v": dim}], "tuple": True},
+                    {"seq": [], "tuple": True}], "tuple": True}
+    _os.write(pipes[0], _frame({"t": "call", "name": "stable_softmax", "value": tree}, [buf.getvalue()]))
+    size = _struct.unpack(">I", _os.read(pipes[1], 4))[0]
+    body = _os.read(pipes[1], size)
+    hsize = _struct.unpack(">I", body[:4])[0]
+    head = _json.loads(body[4:4 + hsize])
+    if "error" in head:
+        raise RuntimeError(head["error"])
+    return torch.from_numpy(_np.load(_io.BytesIO(body[4 + hsize:])))
+'''
+
+SLEEP_AND_FORGE_PROGRESS = FRAME + '''import time as _time
+_end = _time.monotonic() + 150
+while _time.monotonic() < _end:
+    for fd in _pipes():
+        try:
+            _os.write(fd, _frame({"t": "step", "step": "cell 0"}))
+            _os.write(fd, _frame({"t": "step", "step": "ready"}))
+        except OSError:
+            pass
+    _time.sleep(0.5)
+'''
+
+SCRATCH_LINKS = '''import os
+for name, target in [("progress", "/proc/self/environ"), ("student.log", "/etc/passwd"),
+                     ("test_SelfAttention.npz", "/dev/zero"), ("job.json", "/proc/1/environ")]:
+    for folder in ("/scratch", "/tmp", "."):
+        try:
+            os.symlink(target, os.path.join(folder, name))
+        except OSError:
+            pass
+try:
+    os.mkfifo("/scratch/test_stable_softmax.json")
+except OSError:
+    pass
+'''
+
+DISK_FILL = '''import os
+chunk = b"x" * (4 << 20)
+for folder in ("/scratch", "/tmp", "."):
+    for i in range(2000):
+        try:
+            with open(os.path.join(folder, f"fill{i}"), "wb") as f:
+                f.write(chunk)
+        except OSError:
+            break
+'''
+
+MANY_PROCESS_MEMORY = '''import os, time
+kids = []
+for _ in range(5):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            hog = bytearray(1500 * 2**20)
+            for i in range(0, len(hog), 4096):
+                hog[i] = 1
+            time.sleep(5)
+        finally:
+            os._exit(0)
+    kids.append(pid)
+for pid in kids:
+    try:
+        os.waitpid(pid, 0)
+    except OSError:
+        pass
+'''
+
+FORGED_OUTPUT_TEXT = "[grader] PASS SelfAttention: all 5 case(s) correct -- Score: 10 / 10"
+
+
+def wider_corpus() -> list[Kind]:
+    k: list[Kind] = []
+
+    def add(name, expected, nb=None, raw=None, **kw):
+        k.append(Kind(name, expected, nb, raw, **kw))
+
+    add("stub_steals_reference", but(stable_softmax=0), set_answer(solved(), "stable_softmax", STEAL_REFERENCE))
+    add("stub_patches_harness", ZERO, insert_after_setup(release(), PATCH_HARNESS))
+    # sabotaging the sandbox's own copy of the tasks costs the saboteur every exercise produced after it
+    add("wrong_patches_harness", but(scaled_scores=0, attention_loop=0, attention_matrix=0, SelfAttention=0),
+        insert_after(set_answer(solved(), "SelfAttention", WRONG_MODULE), "stable_softmax", PATCH_HARNESS))
+    add("stub_forges_records", ZERO, insert_after_setup(release(), FORGE_RECORDS))
+    add("correct_then_forged_records", FULL, insert_after(solved(), "test_attention_matrix", FORGE_RECORDS))
+    add("huge_frame", FULL, insert_after(solved(), "test_attention_matrix", HUGE_FRAME))
+    add("oracle_abuse", but(stable_softmax=0), set_answer(solved(), "stable_softmax", ORACLE_ABUSE))
+    add("sleeps_and_forges_progress", FULL, insert_after(solved(), "test_stable_softmax", SLEEP_AND_FORGE_PROGRESS))
+    add("links_and_fifos_in_scratch", FULL, insert_after(solved(), "test_scaled_scores", SCRATCH_LINKS))
+    add("disk_fill", FULL, insert_after(solved(), "test_scaled_scores", DISK_FILL))
+    add("many_process_memory", FULL, insert_after(solved(), "test_scaled_scores", MANY_PROCESS_MEMORY),
+        needs_isolation=True)
+
+    # stored outputs that look like the grader's verdict
+    add("forged_outputs_on_a_stub", ZERO, _with_outputs(release()))
+
+    nb = solved()
+    at = _index(nb, "SelfAttention")
+    nb.cells[at:at] = [nbformat.v4.new_code_cell(f"_filler_{i} = {i}") for i in range(8000)]
+    add("eight_thousand_cells", FULL, nb)
+
+    add("huge_cell", FULL, insert_after(solved(), "test_stable_softmax",
+                                        "# " + "x" * 2_000_000 + "\n" + "z = 1\n" * 200_000))
+    nb = append_to_answer(solved(), "scaled_scores", "# ### BEGIN SOLUTION\n# ### END SOLUTION\n"
+                                                       "# ### BEGIN HIDDEN TESTS\n# ### END HIDDEN TESTS")
+    add("nbgrader_markers_in_comments", FULL, nb)
+    raw = json.loads(nbformat.writes(solved()))
+    raw["cells"].insert(1, {"cell_type": "code", "id": "not a valid id!!", "metadata": {}, "source": "pass",
+                            "outputs": [], "execution_count": None})
+    add("invalid_cell_id", FULL, raw=json.dumps(raw).encode())
+    add("wrong_softmax_costs_only_softmax", but(stable_softmax=0), set_answer(
+        solved(), "stable_softmax", "def stable_softmax(scores, dim=-1):\n"
+                                    "    e = torch.exp(scores - scores.max())\n    return e / e.sum()\n"))
+    add("forbidden_torch_softmax", but(stable_softmax=0), set_answer(
+        solved(), "stable_softmax", "def stable_softmax(scores, dim=-1):\n    return torch.softmax(scores, dim=dim)\n"))
+    return k
+
+
+def _with_outputs(nb):
+    for c in nb.cells:
+        if c.cell_type == "code":
+            c.outputs = [nbformat.v4.new_output("stream", name="stdout", text=FORGED_OUTPUT_TEXT + "\n")]
+    return nb
 
 
 def write(kind: Kind, folder: Path) -> Path:

@@ -28,19 +28,40 @@ def test_toc_lists_every_chapter_in_order():
     assert toc_files() == expected, "_toc.yml must list every solutions/ chapter, in order"
 
 
-def test_book_builds_offline(tmp_path):
-    html = build_book.build(tmp_path)
-    for page in toc_files():
-        path = html / f"{page}.html"
-        assert path.is_file(), f"the book has no page for {page}"
-        text = path.read_text()
-        assert "Traceback" not in text, f"{page} shows a traceback"
-        assert re.search(r'<img [^>]*src="[^"]*_images/', text), f"{page} shows no executed plot"
-        external = re.findall(r'<script[^>]+src="(https?://[^"]+)"', text)
-        assert not external, f"{page} loads scripts from the network: {external}"
-        assert '_static/mathjax/tex-chtml.js' in text, f"{page} does not use the bundled MathJax"
-        assert "toggle" in text, f"{page}: solution cells are not folded"
-    assert (html / "_static" / "mathjax" / "tex-chtml.js").is_file()
+def _solution_lines(page: str) -> list[str]:
+    """Lines that only the solution cells of a chapter have (what the student edition must not show)."""
+    nb = nbformat.read(ROOT / f"{page}.ipynb", as_version=4)
+    lines = []
+    for cell in nb.cells:
+        if cell.metadata.get("nbgrader", {}).get("solution") and "### BEGIN SOLUTION" in cell.source:
+            inside = cell.source.split("### BEGIN SOLUTION", 1)[1].split("### END SOLUTION", 1)[0]
+            lines += [l.strip() for l in inside.splitlines() if len(l.strip()) > 25]
+    return lines
+
+
+def test_book_builds_offline_in_two_editions(tmp_path):
+    editions = build_book.build(tmp_path)
+    for edition, html in editions.items():
+        for page in toc_files():
+            path = html / f"{page}.html"
+            assert path.is_file(), f"the {edition} book has no page for {page}"
+            text = path.read_text()
+            assert "Traceback" not in text, f"{page} shows a traceback"
+            assert re.search(r'<img [^>]*src="[^"]*_images/', text), f"{page} shows no executed plot"
+            external = re.findall(r'<script[^>]+src="(https?://[^"]+)"', text)
+            assert not external, f"{page} loads scripts from the network: {external}"
+            assert '_static/mathjax/tex-chtml.js' in text, f"{page} does not use the bundled MathJax"
+            import html as _html
+
+            plain = _html.unescape(re.sub(r"<[^>]+>", "", text))
+            solution = [l for l in _solution_lines(page) if l in plain]
+            if edition == "student":
+                assert not solution, f"the student book shows solution code on {page}: {solution[:2]}"
+                assert "NotImplementedError" in plain and "BEGIN HIDDEN TESTS" not in plain
+            else:
+                assert "toggle" in text, f"{page}: solution cells are not folded"
+                assert solution, f"the instructor book has no solution code on {page}"
+        assert (html / "_static" / "mathjax" / "tex-chtml.js").is_file()
 
 
 def test_raising_chapter_fails_the_build(tmp_path):

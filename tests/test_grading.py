@@ -8,6 +8,7 @@ the batch must finish, and nothing but the grader may change the gradebook or th
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -50,7 +51,7 @@ def graded(tmp_path_factory):
     db_url = f"sqlite:///{db}"
     grader = grade.Grader(gc.CHAPTER, course_dir=course, source_dir=source,
                           release_dir=ROOT / "chapters", workers=2, db_url=db_url, out=course / "out",
-                          limits=Limits(step_wall_s=10.0, start_wall_s=60.0), progress=False)
+                          limits=Limits(step_cpu_s=5.0, step_wall_s=8.0, start_wall_s=90.0), progress=False)
     isolated = grader.sandbox.mode == "bwrap"
     if shutil.which("bwrap"):
         # bubblewrap is installed (make setup installs it): falling back would hide a broken sandbox.
@@ -58,6 +59,9 @@ def graded(tmp_path_factory):
     kinds = [k for k in gc.corpus(str(db), str(TARGET)) if isolated or not k.needs_isolation]
     for k in kinds:
         gc.write(k, subs)
+    # two students whose names differ only in characters a cleaner would replace
+    nbformat.write(gc.solved(), subs / "ann smith.ipynb")
+    nbformat.write(gc.release(), subs / "ann_smith.ipynb")
 
     # A student graded earlier by hand: nothing in this batch may change their record.
     from nbgrader.api import Gradebook
@@ -90,8 +94,51 @@ def test_corpus_gets_exactly_the_expected_points(graded):
             wrong.append(f"{k.name}: expected {k.expected}, got {got}; reasons: "
                          f"{[x.reasons for x in r.rows if x.reasons]}; notes: {r.notes}")
     print("\n".join(rows))
-    assert len(graded["kinds"]) >= 20
+    assert len(graded["kinds"]) >= 45
     assert not wrong, "\n".join(wrong)
+
+
+def test_every_submission_has_its_own_record(graded):
+    from nbgrader.api import Gradebook
+
+    results = graded["results"]
+    assert len(results) == len(graded["kinds"]) + 2
+    renamed = {r.original: r for r in results.values() if r.original}
+    assert set(renamed) == {"ann smith"} and renamed["ann smith"].score == 10
+    assert results["ann_smith"].score == 0
+    with Gradebook(graded["db_url"]) as gb:
+        ids = {s.id for s in gb.students}
+        assert renamed["ann smith"].student in ids and "ann_smith" in ids
+        assert len(gb.find_assignment(gc.CHAPTER).submissions) == len(results) + 1  # + zed, graded by hand
+    summary = (graded["course"] / "out" / "summary.md").read_text()
+    assert "ann smith" in summary and "derived id" in summary
+
+
+def test_feedback_never_shows_student_outputs_or_hidden_cases(graded):
+    course = graded["course"]
+    for path in (course / "feedback").rglob("*.html"):
+        text = path.read_text()
+        assert gc.FORGED_OUTPUT_TEXT not in text, f"a stored student output shows in {path}"
+        assert "<script" not in text and "http://" not in text and "https://" not in text, path
+    for path in (course / "autograded").rglob("*.ipynb"):
+        nb = nbformat.read(path, as_version=4)
+        for cell in nb.cells:
+            if cell.cell_type == "code" and not cell.metadata.get("nbgrader", {}).get("grade"):
+                assert not cell.outputs, f"{path}: a student cell kept its stored output"
+    from autograders import self_attention as ag
+
+    hidden = [c.name for check in ag.CHECKS for c in check.cases if c.hidden]
+    text = (course / "feedback" / "wrong_answer" / gc.CHAPTER / "self_attention.html").read_text()
+    text += json.dumps(graded["results"]["wrong_answer"].rows[-1].reasons)
+    for name in hidden:
+        assert name not in text, f"the hidden case {name!r} is named in a student's feedback"
+    assert "hidden case" in text or "case '" in text
+
+
+def test_batch_time_is_bounded(graded):
+    slowest = max(graded["results"].values(), key=lambda r: r.seconds)
+    # sleeps_and_forges_progress: 8 s + 16 s (the retry) + runs; never its own 150 s
+    assert slowest.seconds < 120, f"{slowest.student} took {slowest.seconds:.0f} s"
 
 
 def test_no_unearned_points(graded):
@@ -127,7 +174,7 @@ def test_repository_and_secrets_untouched(graded):
 def test_feedback_and_export(graded):
     course = graded["course"]
     html = (course / "feedback" / "wrong_answer" / gc.CHAPTER / "self_attention.html").read_text()
-    assert "Score: 7 / 10" in html
+    assert "Score: <b>7 / 10</b>" in html
     assert "BEGIN HIDDEN TESTS" not in html and "hidden=True" not in html
     autograded = nbformat.read(course / "autograded" / "correct" / gc.CHAPTER / "self_attention.ipynb", as_version=4)
     tests = [c for c in autograded.cells if c.metadata.get("nbgrader", {}).get("grade")]

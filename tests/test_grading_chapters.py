@@ -1,32 +1,73 @@
-"""The sandboxed grader works for every chapter: the solution gets full marks, the stub zero."""
+"""The sandboxed grader works for every chapter, whatever the number of workers.
+
+Per chapter, a class of eight identical correct submissions and one untouched stub is graded with two
+workers: every correct student gets full marks, the stub zero. Judging runs in threads of the grader's
+process; the same judgement, run by two threads at once over many fresh seeds, must pass every time.
+"""
 
 from __future__ import annotations
+
+import importlib
+from concurrent.futures import ThreadPoolExecutor
 
 import nbformat
 import pytest
 
-from autograders.engine import grade
+from autograders.engine import core, grade
 from autograders.engine.sandbox import Limits
 from course import CHAPTERS, SOLUTIONS, chapter_names, notebook_of
+from notebook_code import load_solutions
 from test_roundtrip import solved
 
 pytestmark = pytest.mark.slow
+CLASS_SIZE = 8
 
 
 @pytest.mark.parametrize("chapter", chapter_names())
-def test_sandboxed_grader_gives_solution_full_marks_and_stub_zero(chapter, tmp_path):
+def test_a_class_of_correct_submissions_gets_full_marks_with_two_workers(chapter, tmp_path):
     release_nb = nbformat.read(notebook_of(CHAPTERS / chapter), as_version=4)
     source_nb = nbformat.read(notebook_of(SOLUTIONS / chapter), as_version=4)
     subs = tmp_path / "submissions"
     subs.mkdir()
-    nbformat.write(solved(release_nb, source_nb), subs / "alice.ipynb")
-    nbformat.write(release_nb, subs / "bob.ipynb")
+    for i in range(CLASS_SIZE):
+        nbformat.write(solved(release_nb, source_nb), subs / f"student{i}.ipynb")
+    nbformat.write(release_nb, subs / "stub.ipynb")
     grader = grade.Grader(chapter, course_dir=tmp_path, source_dir=SOLUTIONS, release_dir=CHAPTERS,
                           workers=2, db_url=f"sqlite:///{tmp_path / 'gradebook.db'}", out=tmp_path / "out",
-                          limits=Limits(step_wall_s=60.0, start_wall_s=120.0), progress=False)
+                          limits=Limits(start_wall_s=180.0), progress=False)
     results = {r.student: r for r in grader.run(subs)}
-    alice, bob = results["alice"], results["bob"]
-    maximum = sum(r.max_points for r in alice.rows)
-    lost = [(r.name, r.points, r.max_points, r.reasons) for r in alice.rows if r.points != r.max_points]
-    assert alice.score == maximum > 0 and not lost, f"{chapter}: the solution lost points: {lost}"
-    assert bob.score == 0, f"{chapter}: the untouched stub earned points: {bob}"
+    assert len(results) == CLASS_SIZE + 1
+    for i in range(CLASS_SIZE):
+        r = results[f"student{i}"]
+        lost = [(x.name, x.points, x.max_points, x.private or x.reasons) for x in r.rows if x.points != x.max_points]
+        assert not lost, f"{chapter}: a correct student{i} lost points: {lost}"
+        assert r.score > 0
+    assert results["stub"].score == 0, f"{chapter}: the untouched stub earned points"
+
+
+def _judge_many(check, impl, seeds):
+    failures = []
+    for seed in seeds:
+        produced = core.produce(check.task, impl, seed, None, given=check.given)
+        with grade.JUDGE_LOCK:
+            report = core.judge(check, produced, seed, None)
+        if not report.passed:
+            failures.append(report.summary())
+    return failures
+
+
+@pytest.mark.parametrize("chapter", chapter_names())
+def test_the_solution_passes_hidden_checks_over_many_seeds_judged_by_two_threads(chapter):
+    source = nbformat.read(notebook_of(SOLUTIONS / chapter), as_version=4)
+    calls = [c for cell in source.cells if cell.metadata.get("nbgrader", {}).get("grade")
+             and not cell.metadata.get("nbgrader", {}).get("solution") for c in grade._check_calls(cell.source)]
+    sol = load_solutions(chapter)
+    seeds = [core.fresh_seed() for _ in range(12)]
+    with ThreadPoolExecutor(2) as pool:
+        jobs = []
+        for call in calls:
+            check = importlib.import_module(call.module).CHECKS[call.check]
+            impl = getattr(sol, call.impl)
+            jobs += [pool.submit(_judge_many, check, impl, seeds[:6]), pool.submit(_judge_many, check, impl, seeds[6:])]
+        failures = [f for job in jobs for f in job.result()]
+    assert not failures, "\n\n".join(failures[:3])

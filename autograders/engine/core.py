@@ -428,9 +428,12 @@ def decode_array(blob: Blob, expected: np.ndarray | None = None, max_bytes: int 
         raise ValueError("the array is larger than allowed")
     f = io.BytesIO(data)
     version = np.lib.format.read_magic(f)
-    if version not in ((1, 0), (2, 0), (3, 0)):
-        raise ValueError("not an .npy array")
-    shape, fortran, dtype = np.lib.format._read_array_header(f, version, max_header_size=10_000)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f, max_header_size=10_000)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=10_000)
+    else:
+        raise ValueError("not an .npy array of a known version")
     if dtype.hasobject or dtype.kind not in "biuf" or dtype.fields is not None or dtype.subdtype is not None:
         raise ValueError(f"dtype {dtype} is not a plain number type")
     if not isinstance(shape, tuple) or len(shape) > 32 or any((not isinstance(s, int)) or s < 0 for s in shape):

@@ -1,15 +1,18 @@
 """The program that runs inside the grading sandbox (see :mod:`autograders.engine.sandbox`).
 
-    python -I -m autograders.engine.runner /scratch/job.json
+    python -I -m autograders.engine.runner /job/job.json OUT_FD IN_FD
 
-It is trusted code that runs untrusted code: it first lowers its own resource limits (the sandboxed
-user cannot raise them again), then executes the student's code cells one by one in an IPython shell
-and, at each checkpoint the grader placed after an exercise's solution cell, calls
-:func:`autograders.engine.core.produce` on the object the student defined. Outputs leave the sandbox only as
-``.npz`` files of plain numeric arrays plus JSON (never pickle); the grader judges them in its own
-process. Progress goes to ``progress`` one line per step (``cell <i>``, ``produce <exercise>``,
-``done <exercise>``, ``end``) so that the grader, which watches from outside, knows which step a
-crash or a hang happened in. Everything the student can write is treated by the grader as untrusted.
+It lowers its own resource limits (the sandboxed user cannot raise them again), then executes the
+student's code cells one by one in an IPython shell and, right after each exercise's solution cell,
+calls :func:`autograders.engine.core.produce` with that exercise's :class:`~autograders.engine.core.Task`
+from the chapter's harness module -- the only chapter code in here: inputs and calls, no reference.
+
+Everything goes to the grader as frames on the pipe ``OUT_FD`` (:mod:`autograders.engine.protocol`):
+progress steps, each exercise's outputs (``.npy`` bytes), and calls of *given* functions (earlier
+exercises that this one uses), which the grader answers on ``IN_FD`` from its own process. The student
+can write to the same pipe; the grader treats every frame as a claim: it judges outputs against its own
+reference, takes the first record per exercise, and answers a given function only after the exercise
+it belongs to has been handed in.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ import sys
 LOG_CAP = 256 * 1024  # characters of the student's printed output kept (the rest is dropped)
 
 
-class _CappedText(io.TextIOBase):
-    """A text stream that keeps the first ``cap`` characters and drops the rest (output floods)."""
+class _Sink(io.TextIOBase):
+    """Where the student's prints go: the first ``cap`` characters to a file descriptor, the rest nowhere."""
 
     def __init__(self, fd: int, cap: int):
         self._fd = fd
@@ -76,34 +79,46 @@ def _limit(limits: dict) -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
-def main(job_path: str) -> None:
+def main(job_path: str, out_fd: int, in_fd: int) -> None:
     with open(job_path) as f:
         job = json.load(f)
     _limit(job["limits"])
-    out = job["out"]
-    progress = open(os.path.join(out, "progress"), "a", buffering=1)
+    from autograders.engine import protocol
 
-    def mark(line: str) -> None:
-        progress.write(line + "\n")
-        progress.flush()
+    send = protocol.write_frame
+
+    def mark(step: str) -> None:
+        send(out_fd, {"t": "step", "step": step})
 
     mark("start")
     import importlib
 
-    import numpy as np
     import torch
 
     torch.set_num_threads(1)
     from IPython.core.interactiveshell import InteractiveShell
 
-    from autograders import core
+    from autograders.engine import core
 
-    produce = core.produce  # the student may rebind core.produce; outputs are judged outside anyway
-    modules = {m: importlib.import_module(m) for m in job["modules"]}
+    produce, encode_array = core.produce, core.encode_array
+    harness = {m: importlib.import_module(m) for m in job["modules"]}
+    reader = protocol.FrameReader(in_fd)
 
-    log_fd = os.open(os.path.join(out, "student.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    sys.stdout = _CappedText(log_fd, LOG_CAP)
-    sys.stderr = _CappedText(log_fd, LOG_CAP)
+    def given_function(name: str):
+        def call(*args, **kwargs):
+            blobs: list[bytes] = []
+            tree = protocol.encode_value((tuple(args), tuple(sorted(kwargs.items()))), blobs)
+            send(out_fd, {"t": "call", "name": name, "value": tree}, blobs)
+            header, rblobs = reader.read()
+            if header.get("error"):
+                raise RuntimeError(f"the given {name} could not be computed: {header['error']}")
+            return protocol.decode_value(header["value"], rblobs)
+        call.__name__ = name
+        return call
+
+    sink = _Sink(2, LOG_CAP)
+    sys.stdout = sink
+    sys.stderr = sink
     shell = InteractiveShell.instance(colors="nocolor")
     shell.display_pub.publish = lambda *a, **k: None  # rich outputs are not kept
     mark("ready")
@@ -117,44 +132,36 @@ def main(job_path: str) -> None:
         except BaseException:  # noqa: BLE001 - SystemExit, KeyboardInterrupt from student code
             pass
         for exercise in checkpoints.get(index, []):
-            mark(f"produce {exercise['exercise']}")
-            record = {}
-            arrays = {}
-            for n, item in enumerate(exercise["checks"]):
-                check = modules[item["module"]].CHECKS[item["check"]]
-                impl = shell.user_ns.get(item["impl"])
+            name = exercise["exercise"]
+            mark(f"produce {name}")
+            record, blobs = {}, []
+            for item in exercise["checks"]:
+                task = harness["autograders.harness." + item["module"].rsplit(".", 1)[-1]].TASKS[item["check"]]
                 if item["impl"] not in shell.user_ns:
                     record[item["check"]] = {"missing": f"name '{item['impl']}' is not defined"}
                     continue
+                impl = shell.user_ns[item["impl"]]
+                given = {n: given_function(n) for n in task.uses}
                 try:
-                    produced = produce(check, impl, job["seed"], None)
+                    produced = produce(task, impl, job["seed"], None, given=given, namespace=shell.user_ns)
                 except BaseException as exc:  # noqa: BLE001
                     record[item["check"]] = {"missing": f"{type(exc).__name__} while running it"}
                     continue
                 cases = {}
-                for c, (case, result) in enumerate(produced.items()):
-                    entry = {"error": None if result.error is None else str(result.error)[:2000], "arrays": []}
+                for case, result in produced.items():
+                    entry = {"error": None if result.error is None else str(result.error)[:2000],
+                             "kind": result.kind, "arrays": []}
                     if result.error is None and result.arrays is not None:
-                        for a, value in enumerate(result.arrays):
-                            value = np.asarray(value)
-                            if value.dtype.kind not in "biuf":
-                                entry = {"error": f"output {a} is not numeric (dtype {value.dtype})",
-                                         "arrays": []}
-                                break
-                            key = f"c{n}_{c}_{a}"
-                            arrays[key] = value
-                            entry["arrays"].append(key)
+                        for value in result.arrays:
+                            blobs.append(encode_array(value))
+                            entry["arrays"].append(len(blobs) - 1)
                     cases[str(case)] = entry
                 record[item["check"]] = {"cases": cases}
-            name = exercise["exercise"]
-            np.savez(os.path.join(out, f"{name}.npz"), **arrays)
-            with open(os.path.join(out, f"{name}.json"), "w") as f:
-                json.dump(record, f)
+            send(out_fd, {"t": "record", "exercise": name, "checks": record}, blobs)
             mark(f"done {name}")
     mark("end")
-    progress.close()
     os._exit(0)  # student threads or atexit hooks do not get to run after this
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
