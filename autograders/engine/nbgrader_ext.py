@@ -33,6 +33,8 @@ def _without_hidden_tests(source: str) -> str | None:
     from nbformat.v4 import new_code_cell
 
     cell = new_code_cell(source)
+    cell.metadata["nbgrader"] = {"grade": True, "solution": False, "locked": True, "grade_id": "x", "points": 0,
+                                 "schema_version": 3}
     try:
         cell, _ = ClearHiddenTests().preprocess_cell(cell, {}, 0)
     except Exception:  # noqa: BLE001 - unbalanced markers: leave it to nbgrader

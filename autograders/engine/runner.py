@@ -164,4 +164,5 @@ def main(job_path: str, out_fd: int, in_fd: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    args = sys.argv[-3:]  # run as -m or through runpy from -c
+    main(args[0], int(args[1]), int(args[2]))

@@ -319,7 +319,8 @@ class Sandbox:
     def _probe(self) -> str | None:
         """None when a trivial command runs in the sandbox, else why not."""
         with tempfile.TemporaryDirectory(prefix="sandbox-probe-") as jobdir:
-            cmd = self._bwrap_command([self.python, "-I", "-c", "import autograders.engine.core"], Path(jobdir), 0)
+            cmd = self._bwrap_command([self.python, "-I", "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); "
+                                       "import autograders.engine.core"], Path(jobdir), 0)
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
             except (OSError, subprocess.TimeoutExpired) as exc:
@@ -346,7 +347,10 @@ class Sandbox:
             payload = {**job, "limits": asdict(limits), "modules": list(self.modules)}
             (jobdir / "job.json").write_text(json.dumps(payload))
             os.chmod(jobdir / "job.json", 0o644)
-            argv = [self.python, "-I", "-m", "autograders.engine.runner", f"{inside}/job.json", str(out_w), str(in_r)]
+            # The repository's own files first on the path (not an editable install that may point elsewhere).
+            argv = [self.python, "-I", "-c", f"import sys, runpy; sys.path.insert(0, {str(REPO)!r}); "
+                    "runpy.run_module('autograders.engine.runner', run_name='__main__', alter_sys=True)",
+                    f"{inside}/job.json", str(out_w), str(in_r)]
             if self.mode == "bwrap":
                 cmd, env, cwd = self._bwrap_command(argv, jobdir, slot), {}, "/"
             else:
