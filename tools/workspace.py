@@ -21,6 +21,10 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _show(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def sync(release: Path = ROOT / "chapters", work: Path = ROOT / "work") -> list[str]:
     messages = []
     if work.is_symlink() or (work.exists() and not work.is_dir()):
@@ -30,12 +34,12 @@ def sync(release: Path = ROOT / "chapters", work: Path = ROOT / "work") -> list[
         stamp = target.with_name(f".{target.name}.released-sha256")
         if target.exists() or target.is_symlink():
             if stamp.is_file() and stamp.read_text().strip() != _digest(notebook):
-                messages.append(f"updated upstream (your copy is untouched): {notebook.relative_to(ROOT)}")
+                messages.append(f"updated upstream (your copy is untouched): {_show(notebook)}")
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(notebook, target)
         stamp.write_text(_digest(notebook) + "\n")
-        messages.append(f"new: {target.relative_to(ROOT)}")
+        messages.append(f"new: {_show(target)}")
     return messages
 
 
