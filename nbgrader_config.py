@@ -27,3 +27,9 @@ from autograders.engine.nbgrader_ext import OverwriteCellsQuietly  # noqa: E402
 
 c.Autograde.sanitize_preprocessors = [ClearOutput, DeduplicateIds, OverwriteKernelspec, OverwriteCellsQuietly,
                                       CheckCellMetadata]
+
+# `nbgrader generate_feedback` pages render math offline: MathJax is inlined from the pinned wheel.
+from autograders.engine.nbgrader_ext import feedback_template_dirs  # noqa: E402
+
+c.HTMLExporter.template_name = "course_feedback"
+c.HTMLExporter.extra_template_basedirs = feedback_template_dirs()

@@ -40,3 +40,41 @@ def _without_hidden_tests(source: str) -> str | None:
     except Exception:  # noqa: BLE001 - unbalanced markers: leave it to nbgrader
         return None
     return cell.source
+
+
+# ---------------------------------------------------------------------------------------------
+# nbgrader's feedback pages, offline: MathJax inlined instead of loaded from a CDN
+
+_CONFIG = ("<script>window.MathJax = {tex: {inlineMath: [['$', '$'], ['\\\\(', '\\\\)']], "
+           "displayMath: [['$$', '$$'], ['\\\\[', '\\\\]']], processEscapes: true}, svg: {fontCache: 'global'}};</script>")
+
+
+def feedback_template_dirs() -> list[str]:
+    """Template folders for ``nbgrader generate_feedback``: nbgrader's own, and ``course_feedback``,
+    which extends nbgrader's feedback template with MathJax 3 (the pinned django-static-mathjax wheel's
+    self-contained SVG build) inlined, so that a feedback page renders its math with no network."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    import nbgrader
+
+    nbgrader_templates = Path(nbgrader.__file__).parent / "server_extensions" / "formgrader" / "templates"
+    spec = importlib.util.find_spec("mathjax")
+    js_path = Path(next(iter(spec.submodule_search_locations))) / "static" / "mathjax" / "es5" / "tex-svg.js"
+    ours = Path(__file__).resolve().parents[2] / "_book_static" / "nbgrader_templates"
+    folder = ours / "course_feedback"
+    template = folder / "index.html.j2"
+    if not template.is_file() or template.stat().st_mtime < js_path.stat().st_mtime:
+        folder.mkdir(parents=True, exist_ok=True)
+        local = _CONFIG + "<script>" + js_path.read_text(encoding="utf-8") + "</script>"
+        # nbgrader's own feedback template, read from the installed package, with its CDN MathJax swapped
+        theirs = (nbgrader_templates / "feedback" / "index.html.j2").read_text(encoding="utf-8")
+        if "{{ mathjax() }}" not in theirs:
+            raise RuntimeError("nbgrader's feedback template changed: update autograders/engine/nbgrader_ext.py")
+        text = theirs.replace("{{ mathjax() }}", "{% raw %}" + local + "{% endraw %}")
+        tmp = template.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        (folder / "conf.json").write_text((nbgrader_templates / "feedback" / "conf.json").read_text())
+        tmp.replace(template)
+    return [str(nbgrader_templates), str(ours)]
