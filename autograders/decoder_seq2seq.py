@@ -301,11 +301,13 @@ def _loss_log_of_softmax(logits, targets, pad_id, reduction="mean"):
 
 
 def _loss_pad_zero(logits, targets, pad_id, reduction="mean"):
-    return _loss_ref({"logits": logits, "targets": targets, "pad_id": 0, "reduction": reduction})
+    nll, keep = _token_nll(logits, targets, 0)
+    return nll[keep].sum() if reduction == "sum" else nll[keep].mean()
 
 
 def _loss_always_mean(logits, targets, pad_id, reduction="mean"):
-    return _loss_ref({"logits": logits, "targets": targets, "pad_id": pad_id, "reduction": "mean"})
+    nll, keep = _token_nll(logits, targets, pad_id)
+    return nll[keep].mean()
 
 
 LOSS = Check(

@@ -40,6 +40,11 @@ def _repeat_expand_wrong_axis(x, n_rep):
     return x[:, :, :, None, :].expand(B, H, T, n_rep, d).reshape(B, H * n_rep, T, d)
 
 
+def _given_repeat_kv(x, n_rep):
+    """repeat_kv as grouped_query_attention gets it while it is checked."""
+    return torch.repeat_interleave(x, n_rep, dim=1)
+
+
 REPEAT_KV = Check(
     H.REPEAT_KV,
     reference=lambda inputs: torch.repeat_interleave(inputs["x"], inputs["n_rep"], dim=1),
@@ -85,6 +90,11 @@ def _gqa_generic(q, k, v, causal, *, tiled=False, scale=True, use_mask=True, upp
     return torch.softmax(s, -1) @ v
 
 
+def _given_gqa(q, k, v, causal=False):
+    """grouped_query_attention as the GroupedQueryAttention module gets it while it is checked."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
+
 GQA = Check(
     H.GQA,
     reference=_gqa_ref,
@@ -102,6 +112,7 @@ GQA = Check(
                 "the result matches a mask that lets query i see keys i..T-1 (the future): keep the "
                 "LOWER triangle (torch.tril) and fill the rest with -inf."),
     ),
+    given={"repeat_kv": _given_repeat_kv},
 )
 
 
@@ -223,6 +234,7 @@ MODULE = Check(
         Mistake("no output projection", _NoOutputProjection,
                 "the result matches the attention output before W_o: finish with the output projection."),
     ),
+    given={"grouped_query_attention": _given_gqa},
 )
 
 

@@ -210,6 +210,21 @@ def _wrong_forward(*, restart_positions=False, skip_own=False, keep_only_new=Fal
     return forward
 
 
+def _given_append(past, k_new, v_new):
+    """append_kv as gpt_forward_cached gets it while it is checked."""
+    if past is None:
+        return k_new, v_new
+    return torch.cat([past[0], k_new], dim=2), torch.cat([past[1], v_new], dim=2)
+
+
+def _given_attend(q, k, v):
+    """attend_with_cache as gpt_forward_cached gets it while it is checked: the newest queries are the
+    last T_q positions, so query i may see keys 0 .. T_k - T_q + i."""
+    T_q, T_k = q.shape[2], k.shape[2]
+    mask = torch.ones(T_q, T_k, dtype=torch.bool, device=q.device).tril(T_k - T_q)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 FORWARD = Check(
     H.FORWARD,
     reference=_forward_ref,
@@ -229,6 +244,7 @@ FORWARD = Check(
                 "with several new tokens after a cache, is_causal=True aligns the mask to the top-left: "
                 "use your attend_with_cache."),
     ),
+    given={"append_kv": _given_append, "attend_with_cache": _given_attend},
 )
 
 

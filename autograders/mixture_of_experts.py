@@ -76,6 +76,24 @@ def _load_ref(clean, noisy, std, k):
     return load.float()
 
 
+# The given versions of the earlier exercises, as later ones get them while they are checked.
+
+def _given_keep_top_k(logits, k):
+    return _keep_top_k_ref(logits, k)
+
+
+def _given_cv_squared(values):
+    return _cv_squared_ref(values)
+
+
+def _given_importance_loss(gates, w_importance=1.0):
+    return w_importance * _cv_squared_ref(gates.sum(0))
+
+
+def _given_smooth_load(clean_logits, noisy_logits, noise_std, k):
+    return _load_ref(clean_logits, noisy_logits, noise_std, k)
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. KeepTopK
 
@@ -187,6 +205,7 @@ GATING = Check(
     ),
     describe_inputs=lambda i: (f"x: {tuple(i['x'].shape)}, W_g: {tuple(i['W_g'].shape)}, "
                                f"noise: {'None' if i['noise'] is None else tuple(i['noise'].shape)}, k={i['k']}"),
+    given={"keep_top_k": _given_keep_top_k},
 )
 
 
@@ -272,6 +291,7 @@ IMPORTANCE = Check(
         Mistake("not squared", _imp_not_squared,
                 "your loss uses CV = std/mean: the importance loss is w_importance * CV^2."),
     ),
+    given={"cv_squared": _given_cv_squared},
 )
 
 
@@ -482,6 +502,8 @@ MOE = Check(
                                f"n_experts={i['n_experts']}, k={i['k']}, "
                                f"noise={'None' if i['noise'] is None else 'given'}, "
                                f"w_importance={i['w_importance']}, w_load={i['w_load']}"),
+    given={"keep_top_k": _given_keep_top_k, "cv_squared": _given_cv_squared,
+           "importance_loss": _given_importance_loss, "smooth_load": _given_smooth_load},
 )
 
 

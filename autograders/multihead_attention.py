@@ -193,6 +193,16 @@ def _mha_variant(**switches):
     return type("WrongMHA", (_MHABase,), switches)
 
 
+def _given_split(x, num_heads):
+    """split_heads as MultiHeadAttention gets it while it is checked."""
+    return _split_ref({"x": x, "num_heads": num_heads})
+
+
+def _given_merge(x):
+    """merge_heads as MultiHeadAttention gets it while it is checked."""
+    return _merge_ref({"x": x})
+
+
 MHA = Check(
     H.MHA,
     reference=_mha_ref,
@@ -219,6 +229,7 @@ MHA = Check(
         Mistake("mask inverted", _mha_variant(mask_sense="blocked"),
                 "mask is True where a query MAY attend: fill the scores where it is False with -inf."),
     ),
+    given={"split_heads": _given_split, "merge_heads": _given_merge},
 )
 
 

@@ -55,6 +55,11 @@ def _softmax_global_sum(scores, dim=-1):
     return e / e.sum()
 
 
+def _given_softmax(scores, dim=-1):
+    """stable_softmax as later exercises get it while they are checked."""
+    return torch.softmax(scores, dim=dim)
+
+
 SOFTMAX = Check(
     H.SOFTMAX,
     reference=_softmax_ref,
@@ -98,6 +103,11 @@ def _scores_sqrt_len(Q, K):
 
 def _scores_kq(Q, K):
     return K @ Q.transpose(-2, -1) / math.sqrt(Q.shape[-1])
+
+
+def _given_scores(Q, K):
+    """scaled_scores as later exercises get it while they are checked."""
+    return _scores_ref({"Q": Q, "K": K})
 
 
 SCORES = Check(
@@ -176,6 +186,7 @@ LOOP = Check(
     tolerance=FP32_SHARP,
     mistakes=tuple(Mistake(n, f, h) for (n, h), f in zip(
         ATTENTION_MISTAKES, (_loop_unscaled, _loop_wrong_axis, _loop_sums_keys, _loop_transposed_weights))),
+    given={"stable_softmax": _given_softmax},
 )
 
 
@@ -195,6 +206,7 @@ MATRIX = Check(
     reference=lambda inputs: (_attention_ref(inputs), _attention_weights_ref(inputs)),
     tolerance=FP32_SHARP,
     mistakes=tuple(Mistake(n, _matrix_mistake(n), h) for n, h in ATTENTION_MISTAKES),
+    given={"scaled_scores": _given_scores, "stable_softmax": _given_softmax},
 )
 
 
@@ -282,6 +294,7 @@ MODULE = Check(
         Mistake("no scale", _ModuleUnscaled,
                 "the result matches attention without the 1/sqrt(d_model) scale on the scores."),
     ),
+    given={"scaled_scores": _given_scores, "stable_softmax": _given_softmax},
 )
 
 

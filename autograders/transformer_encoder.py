@@ -91,6 +91,11 @@ def _ln_no_eps(x, weight, bias, eps=EPS):
     return _ln_generic(x, weight, bias, eps, use_eps=False)
 
 
+def _given_layer_norm(x, weight, bias, eps=EPS):
+    """layer_norm as the encoder block and the stack get it while they are checked."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
 LAYER_NORM = Check(
     H.LAYER_NORM,
     reference=_ln_ref,
@@ -318,6 +323,7 @@ ENCODER_BLOCK = Check(
     tolerance=BLOCK_TOL,
     mistakes=_BLOCK_MISTAKES,
     describe_inputs=_describe_block,
+    given={"layer_norm": _given_layer_norm},
 )
 
 
@@ -384,6 +390,7 @@ TRANSFORMER_ENCODER = Check(
                 "blocks; the stack just applies them one after another."),
     ),
     describe_inputs=_describe_block,
+    given={"layer_norm": _given_layer_norm},
 )
 
 

@@ -215,8 +215,9 @@ def loss_no_log(logits, targets, pad_id, reduction="mean"):
     return nll[keep].sum() if reduction == "sum" else nll[keep].mean()
 
 
-def loss_pad_as_target_zero(logits, targets, pad_id, reduction="mean"):  # masks the logits, not the targets
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+def loss_pad_as_target_zero(logits, targets, pad_id, reduction="mean"):  # padding counted as a target
+    nll = -torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return nll.sum() if reduction == "sum" else nll.mean()
 
 
 @pytest.mark.parametrize("wrong, hint", [
@@ -231,6 +232,24 @@ def loss_pad_as_target_zero(logits, targets, pad_id, reduction="mean"):  # masks
 ])
 def test_loss_rejects(wrong, hint):
     assert_rejects(ag.CHECKS, "seq2seq_loss", wrong, hint)
+
+
+@pytest.mark.parametrize("forbidden", [
+    lambda logits, targets, pad_id, reduction="mean": F.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=pad_id, reduction=reduction),
+    lambda logits, targets, pad_id, reduction="mean": torch.nn.CrossEntropyLoss(
+        ignore_index=pad_id, reduction=reduction)(logits.transpose(1, 2), targets),
+    lambda logits, targets, pad_id, reduction="mean": F.nll_loss(
+        torch.log_softmax(logits, -1).flatten(0, 1), targets.flatten(), ignore_index=pad_id, reduction=reduction),
+], ids=["F.cross_entropy", "nn.CrossEntropyLoss", "F.nll_loss"])
+def test_loss_with_a_loss_function_is_rejected_by_its_rule(forbidden):
+    text = assert_rejects(ag.CHECKS, "seq2seq_loss", forbidden)
+    assert "broke a rule of the exercise: compute the loss from torch.log_softmax and gather yourself" in text
+
+
+def test_loss_may_use_log_softmax():
+    assert "log_softmax" not in str(ag.CHECKS["seq2seq_loss"].rules[0].functions)
+    assert_accepts(ag.CHECKS, "seq2seq_loss", sol.seq2seq_loss)  # the solution calls torch.log_softmax
 
 
 @pytest.mark.parametrize("wrong, hint", [

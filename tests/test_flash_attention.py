@@ -388,3 +388,46 @@ def test_hbm_matches_the_papers_order():
     assert flash == 8192 * 64 + 2 * 8192 + 2 * 8192 * 64 + 128 * 8192 * (3 * 64 + 4)
     ratio = flash / (8192 ** 2 * 64 ** 2 / (4 * 64 * 64))
     assert 11 < ratio < 13
+
+
+def _passes_only_with_the_given_versions(name, wrong, monkeypatch):
+    """Put wrong earlier functions where the notebook's own code looks them up, then check `name`: it
+    passes with the given versions of those functions, and fails without them."""
+    from autograders.engine.core import evaluate, judge, produce
+    check = ag.CHECKS[name]
+    namespace = sol.online_softmax_update.__globals__  # the namespace the notebook's cells ran in
+    for earlier, impl in wrong.items():
+        assert earlier in check.task.uses, (name, earlier)
+        monkeypatch.setitem(namespace, earlier, impl)
+    report = evaluate(check, namespace[name], seed=0, namespace=namespace)
+    assert report.passed, report.summary()
+    alone = judge(check, produce(check.task, namespace[name], 0, None, given={}, namespace=namespace), 0, None)
+    assert not alone.passed, "the wrong earlier functions should have failed this exercise without the given ones"
+
+
+# --- later exercises get correct online_softmax_update / tiled attention ---------------------------
+
+def update_acc_not_rescaled(m, l, acc, scores, v):
+    m_new = torch.maximum(m, scores.amax(-1))
+    shift = torch.where(m_new == float("-inf"), torch.zeros_like(m_new), m_new)
+    p = torch.exp(scores - shift[..., None])
+    return m_new, torch.exp(m - shift) * l + p.sum(-1), acc + p @ v
+
+
+def tiled_unnormalised(q, k, v, block_q=512, block_k=256):
+    out, lse = sol.tiled_attention(q, k, v, block_q, block_k)
+    return out * 2.0, lse
+
+
+@pytest.mark.parametrize("name, wrong", [
+    ("tiled_attention", {"online_softmax_update": update_acc_not_rescaled}),
+    ("FlashAttention", {"tiled_attention": tiled_unnormalised, "causal_tiled_attention": tiled_unnormalised}),
+], ids=["tiled", "FlashAttention"])
+def test_a_wrong_earlier_exercise_does_not_fail_a_later_one(name, wrong, monkeypatch):
+    _passes_only_with_the_given_versions(name, wrong, monkeypatch)
+
+
+def test_causal_tiled_attention_gets_no_given_update():
+    """Its FLOP rule counts the P @ V products that online_softmax_update makes: a given version,
+    answered outside the sandbox in grading, would hide them (see the harness)."""
+    assert ag.CHECKS["causal_tiled_attention"].task.uses == ()

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autograders import grouped_query_attention as ag
+from autograders.engine.core import evaluate, judge, produce
 from checks_support import assert_accepts, assert_rejects
 from notebook_code import load_solutions, not_implemented
 
@@ -123,7 +124,11 @@ def test_repeat_rejects(wrong, hint):
 
 def gqa_tiled(q, k, v, causal=False):
     n = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(q, k.repeat(1, n, 1, 1), v.repeat(1, n, 1, 1), is_causal=causal)
+    k, v = k.repeat(1, n, 1, 1), v.repeat(1, n, 1, 1)  # [kv0, kv1, kv0, kv1, ...]
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+    return torch.softmax(s, -1) @ v
 
 
 def gqa_no_scale(q, k, v, causal=False):
@@ -161,6 +166,20 @@ def gqa_softmax_over_queries(q, k, v, causal=False):
 ])
 def test_gqa_rejects(wrong, hint):
     assert_rejects(ag.CHECKS, "grouped_query_attention", wrong, hint)
+
+
+@pytest.mark.parametrize("forbidden", [
+    lambda q, k, v, causal=False: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True),
+    lambda q, k, v, causal=False: F.scaled_dot_product_attention(
+        q, sol.repeat_kv(k, q.shape[1] // k.shape[1]), sol.repeat_kv(v, q.shape[1] // k.shape[1]), is_causal=causal),
+    lambda q, k, v, causal=False: torch.ops.aten._scaled_dot_product_attention_math(
+        q, k.repeat_interleave(q.shape[1] // k.shape[1], 1), v.repeat_interleave(q.shape[1] // k.shape[1], 1),
+        is_causal=causal)[0],
+], ids=["sdpa with enable_gqa", "sdpa after repeat_kv", "the math kernel"])
+def test_gqa_with_fused_attention_is_rejected_by_its_rule(forbidden):
+    text = assert_rejects(ag.CHECKS, "grouped_query_attention", forbidden)
+    assert "broke a rule of the exercise: write the attention yourself" in text
+    assert "F.scaled_dot_product_attention" in text and "it called" in text
 
 
 # --- GroupedQueryAttention ----------------------------------------------------------------------
@@ -226,3 +245,28 @@ class FullSizeKV(sol.GroupedQueryAttention):  # K/V projections of MHA size
 ])
 def test_module_rejects(wrong, hint):
     assert_rejects(ag.CHECKS, "GroupedQueryAttention", wrong, hint)
+
+
+# --- later exercises get a correct repeat_kv / grouped_query_attention -------------------------
+
+def repeat_kv_tiled(x, n_rep):
+    return x.repeat(1, n_rep, 1, 1)
+
+
+def gqa_unscaled(q, k, v, causal=False):
+    return gqa_no_scale(q, k, v, causal)
+
+
+@pytest.mark.parametrize("name, earlier, wrong", [
+    ("grouped_query_attention", "repeat_kv", repeat_kv_tiled),
+    ("GroupedQueryAttention", "grouped_query_attention", gqa_unscaled),
+])
+def test_a_wrong_earlier_exercise_does_not_fail_a_later_one(name, earlier, wrong, monkeypatch):
+    namespace = sol.repeat_kv.__globals__  # where the notebook's functions and classes look names up
+    monkeypatch.setitem(namespace, earlier, wrong)
+    check = ag.CHECKS[name]
+    assert check.task.uses == (earlier,)
+    report = evaluate(check, namespace[name], seed=0, namespace=namespace)
+    assert report.passed, report.summary()
+    alone = judge(check, produce(check.task, namespace[name], 0, None, given={}, namespace=namespace), 0, None)
+    assert not alone.passed  # without the given version the wrong earlier function fails this one too

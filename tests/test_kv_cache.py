@@ -211,3 +211,36 @@ def gen_extra_step(model, idx, max_new_tokens):
 ])
 def test_generate_rejects(wrong, hint):
     assert_rejects(ag.CHECKS, "generate_cached", wrong, hint)
+
+
+def _passes_only_with_the_given_versions(name, wrong, monkeypatch):
+    """Put wrong earlier functions where the notebook's own code looks them up, then check `name`: it
+    passes with the given versions of those functions, and fails without them."""
+    from autograders.engine.core import evaluate, judge, produce
+    check = ag.CHECKS[name]
+    namespace = sol.append_kv.__globals__  # the namespace the notebook's cells ran in
+    for earlier, impl in wrong.items():
+        assert earlier in check.task.uses, (name, earlier)
+        monkeypatch.setitem(namespace, earlier, impl)
+    report = evaluate(check, namespace[name], seed=0, namespace=namespace)
+    assert report.passed, report.summary()
+    alone = judge(check, produce(check.task, namespace[name], 0, None, given={}, namespace=namespace), 0, None)
+    assert not alone.passed, "the wrong earlier functions should have failed this exercise without the given ones"
+
+
+# --- gpt_forward_cached gets correct append_kv / attend_with_cache --------------------------------
+
+def append_new_first(past, k_new, v_new):
+    if past is None:
+        return k_new, v_new
+    return torch.cat([k_new, past[0]], dim=2), torch.cat([v_new, past[1]], dim=2)
+
+
+def attend_top_left(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+@pytest.mark.parametrize("wrong", [{"append_kv": append_new_first}, {"attend_with_cache": attend_top_left}],
+                         ids=["append_kv", "attend_with_cache"])
+def test_wrong_append_or_attend_does_not_fail_the_forward_pass(wrong, monkeypatch):
+    _passes_only_with_the_given_versions("gpt_forward_cached", wrong, monkeypatch)

@@ -313,3 +313,49 @@ def test_moe_k_equals_n_is_the_dense_mixture():
 def test_moe_rejects_bad_k():
     with pytest.raises(ValueError, match="k must be between"):
         sol.MoE(8, 8, n_experts=4, k=5)
+
+
+def _passes_only_with_the_given_versions(name, wrong, monkeypatch):
+    """Put wrong earlier functions where the notebook's own code looks them up, then check `name`: it
+    passes with the given versions of those functions, and fails without them."""
+    from autograders.engine.core import evaluate, judge, produce
+    check = ag.CHECKS[name]
+    namespace = sol.keep_top_k.__globals__  # the namespace the notebook's cells ran in
+    for earlier, impl in wrong.items():
+        assert earlier in check.task.uses, (name, earlier)
+        monkeypatch.setitem(namespace, earlier, impl)
+    report = evaluate(check, namespace[name], seed=0, namespace=namespace)
+    assert report.passed, report.summary()
+    alone = judge(check, produce(check.task, namespace[name], 0, None, given={}, namespace=namespace), 0, None)
+    assert not alone.passed, "the wrong earlier functions should have failed this exercise without the given ones"
+
+
+# --- later exercises get correct keep_top_k, cv_squared, importance_loss, smooth_load ----------------
+
+def keep_top_k_zero(logits, k):
+    idx = torch.topk(logits, k, dim=-1).indices
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, idx, True)
+    return logits.masked_fill(~keep, 0.0)
+
+
+def cv_not_squared(values):
+    return values.std(unbiased=False) / values.mean()
+
+
+def importance_unweighted(gates, w_importance=1.0):
+    return sol.cv_squared(gates.sum(0))
+
+
+def load_counts(clean_logits, noisy_logits, noise_std, k):
+    idx = torch.topk(noisy_logits, k, dim=-1).indices
+    return torch.zeros_like(noisy_logits).scatter(-1, idx, 1.0).sum(0)
+
+
+@pytest.mark.parametrize("name, wrong", [
+    ("noisy_top_k_gating", {"keep_top_k": keep_top_k_zero}),
+    ("importance_loss", {"cv_squared": cv_not_squared}),
+    ("MoE", {"keep_top_k": keep_top_k_zero}),
+    ("MoE", {"cv_squared": cv_not_squared, "importance_loss": importance_unweighted, "smooth_load": load_counts}),
+], ids=["gating", "importance", "MoE keep_top_k", "MoE losses"])
+def test_a_wrong_earlier_exercise_does_not_fail_a_later_one(name, wrong, monkeypatch):
+    _passes_only_with_the_given_versions(name, wrong, monkeypatch)

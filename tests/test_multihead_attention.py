@@ -311,3 +311,36 @@ def graph_as_int(edges, num_nodes):
 ])
 def test_graph_rejects(wrong, hint):
     assert_rejects(ag.CHECKS, "graph_mask", wrong, hint)
+
+
+def _passes_only_with_the_given_versions(name, wrong, monkeypatch):
+    """Put wrong earlier functions where the notebook's own code looks them up, then check `name`: it
+    passes with the given versions of those functions, and fails without them."""
+    from autograders.engine.core import evaluate, judge, produce
+    check = ag.CHECKS[name]
+    namespace = sol.split_heads.__globals__  # the namespace the notebook's cells ran in
+    for earlier, impl in wrong.items():
+        assert earlier in check.task.uses, (name, earlier)
+        monkeypatch.setitem(namespace, earlier, impl)
+    report = evaluate(check, namespace[name], seed=0, namespace=namespace)
+    assert report.passed, report.summary()
+    alone = judge(check, produce(check.task, namespace[name], 0, None, given={}, namespace=namespace), 0, None)
+    assert not alone.passed, "the wrong earlier functions should have failed this exercise without the given ones"
+
+
+# --- MultiHeadAttention gets correct split_heads / merge_heads -----------------------------------
+
+def split_interleaved(x, num_heads):
+    B, T, d = x.shape
+    return x.reshape(B, T, d // num_heads, num_heads).permute(0, 3, 1, 2)
+
+
+def merge_interleaved(x):
+    B, h, T, dh = x.shape
+    return x.permute(0, 2, 3, 1).reshape(B, T, h * dh)
+
+
+@pytest.mark.parametrize("wrong", [{"split_heads": split_interleaved}, {"merge_heads": merge_interleaved},
+                                   {"split_heads": split_interleaved, "merge_heads": merge_interleaved}])
+def test_wrong_split_or_merge_does_not_fail_multihead_attention(wrong, monkeypatch):
+    _passes_only_with_the_given_versions("MultiHeadAttention", wrong, monkeypatch)

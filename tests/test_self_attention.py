@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from autograders import self_attention as ag
+from autograders.engine.core import evaluate
 from checks_support import assert_accepts, assert_rejects
 from notebook_code import load_solutions, not_implemented
 
@@ -69,9 +70,23 @@ def test_softmax_rejects(wrong, hint):
     assert_rejects(ag.CHECKS, "stable_softmax", wrong, hint)
 
 
+@pytest.mark.parametrize("forbidden", [
+    lambda scores, dim=-1: torch.softmax(scores, dim),
+    lambda scores, dim=-1: torch.nn.functional.softmax(scores, dim=dim),
+    lambda scores, dim=-1: scores.softmax(dim),
+    lambda scores, dim=-1: nn.Softmax(dim=dim)(scores),
+    lambda scores, dim=-1: torch.special.softmax(scores, dim),
+    lambda scores, dim=-1: torch.log_softmax(scores, dim).exp(),
+    lambda scores, dim=-1: torch.nn.functional.softmin(-scores, dim),
+], ids=["torch.softmax", "F.softmax", "Tensor.softmax", "nn.Softmax", "special.softmax", "log_softmax", "softmin"])
+def test_softmax_with_torch_softmax_is_rejected_by_its_rule(forbidden):
+    text = assert_rejects(ag.CHECKS, "stable_softmax", forbidden)
+    assert "broke a rule of the exercise: compute the softmax yourself" in text
+    assert "it called" in text
+
+
 def test_softmax_overflow_is_visible():
     """The overflow case runs in the visible test cell, so students see it before grading."""
-    from autograders.engine.core import evaluate
     report = evaluate(ag.CHECKS["stable_softmax"], softmax_no_max, seed=0, hidden=False)
     assert not report.passed and "NaN" in report.summary()
 
@@ -95,10 +110,11 @@ def loop_unscaled(X, W_q, W_k, W_v):
     return torch.stack([torch.softmax(Q[i] @ K.T, -1) @ V for i in range(X.shape[0])])
 
 
-def loop_softmax_columns(X, W_q, W_k, W_v):
+def loop_softmax_columns(X, W_q, W_k, W_v):  # a loop, but every query's weights normalised over the queries
     Q, K, V = X @ W_q, X @ W_k, X @ W_v
-    A = torch.softmax(Q @ K.T / math.sqrt(Q.shape[-1]), dim=0)
-    return A @ V
+    scores = torch.stack([Q[i] @ K.T / math.sqrt(Q.shape[-1]) for i in range(X.shape[0])])
+    A = torch.softmax(scores, dim=0)
+    return torch.stack([A[i] @ V for i in range(X.shape[0])])
 
 
 def loop_off_by_one(X, W_q, W_k, W_v):  # forgets the last key
@@ -126,6 +142,40 @@ def loop_values_are_inputs(X, W_q, W_k, W_v):
 ])
 def test_loop_rejects(wrong, hint):
     assert_rejects(ag.CHECKS, "attention_loop", wrong, hint)
+
+
+def loop_vectorised(X, W_q, W_k, W_v):  # the right numbers, but the matrix form
+    Q, K, V = X @ W_q, X @ W_k, X @ W_v
+    return torch.softmax(Q @ K.T / math.sqrt(Q.shape[-1]), -1) @ V
+
+
+def loop_scores_only(X, W_q, W_k, W_v):  # scores one query at a time, the weighted sums all at once
+    Q, K, V = X @ W_q, X @ W_k, X @ W_v
+    A = torch.stack([torch.softmax(Q[i] @ K.T / math.sqrt(Q.shape[-1]), -1) for i in range(X.shape[0])])
+    return A @ V
+
+
+def loop_einsum(X, W_q, W_k, W_v):
+    Q, K, V = X @ W_q, X @ W_k, X @ W_v
+    A = torch.softmax(torch.einsum("id,jd->ij", Q, K) / math.sqrt(Q.shape[-1]), -1)
+    return torch.einsum("ij,jd->id", A, V)
+
+
+@pytest.mark.parametrize("wrong", [loop_vectorised, loop_scores_only, loop_einsum])
+def test_loop_without_a_loop_is_rejected_by_its_rule(wrong):
+    text = assert_rejects(ag.CHECKS, "attention_loop", wrong)
+    assert "broke a rule of the exercise: attention_loop must loop over the query positions" in text
+    assert "that is the matrix form" in text
+
+
+def test_loop_rule_counts_the_products_of_the_solution():
+    from autograders.engine.core import Watch, make_inputs
+    for case in ag.CHECKS["attention_loop"].cases:
+        inputs = make_inputs(case, 0)
+        watch = Watch(ag.H.LOOP.rules)
+        with torch.no_grad(), watch:
+            sol.attention_loop(**inputs)
+        assert not watch.broken(inputs), case.name
 
 
 def matrix_weights_transposed(X, W_q, W_k, W_v):
@@ -206,3 +256,31 @@ class RenamedProjections(nn.Module):
 ])
 def test_module_rejects(wrong, hint):
     assert_rejects(ag.CHECKS, "SelfAttention", wrong, hint)
+
+
+# --- later exercises get a correct stable_softmax / scaled_scores ------------------------------
+
+def softmax_without_exp(scores, dim=-1):
+    return scores / scores.sum(dim, keepdim=True)
+
+
+def scores_unscaled(Q, K):
+    return Q @ K.transpose(-2, -1)
+
+
+@pytest.mark.parametrize("name", ["attention_loop", "attention_matrix", "SelfAttention"])
+def test_a_wrong_earlier_exercise_does_not_fail_a_later_one(name, monkeypatch):
+    """The notebook's own later functions look stable_softmax and scaled_scores up by name; while a
+    later exercise is checked they get the given (correct) versions, so a mistake costs points once."""
+    from autograders.engine.core import judge, produce
+    namespace = sol.stable_softmax.__globals__  # where the notebook's functions and classes live
+    monkeypatch.setitem(namespace, "stable_softmax", softmax_without_exp)
+    monkeypatch.setitem(namespace, "scaled_scores", scores_unscaled)
+    check = ag.CHECKS[name]
+    assert set(check.task.uses) <= {"stable_softmax", "scaled_scores"} and check.task.uses
+    report = evaluate(check, namespace[name], seed=0, namespace=namespace)
+    assert report.passed, report.summary()
+    # Without the given versions the wrong stable_softmax would have failed this exercise too.
+    alone = judge(check, produce(check.task, namespace[name], 0, None, given={}, namespace=namespace), 0, None)
+    assert not alone.passed
+    assert namespace["stable_softmax"] is softmax_without_exp  # restored afterwards

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autograders import transformer_encoder as ag
-from autograders.engine.core import evaluate, make_inputs
+from autograders.engine.core import evaluate, judge, make_inputs, produce
 from checks_support import assert_accepts, assert_rejects
 from notebook_code import load_solutions, not_implemented
 
@@ -104,7 +104,8 @@ def ln_one_pass(x, weight, bias, eps=1e-5):
 
 
 def ln_no_affine(x, weight, bias, eps=1e-5):
-    return F.layer_norm(x, x.shape[-1:], eps=eps)
+    mean = x.mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(((x - mean) ** 2).mean(-1, keepdim=True) + eps)
 
 
 def ln_no_centering(x, weight, bias, eps=1e-5):  # RMSNorm, a different normalisation
@@ -112,7 +113,8 @@ def ln_no_centering(x, weight, bias, eps=1e-5):  # RMSNorm, a different normalis
 
 
 def ln_weight_bias_swapped(x, weight, bias, eps=1e-5):
-    return F.layer_norm(x, x.shape[-1:], bias, weight, eps)
+    mean = x.mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(((x - mean) ** 2).mean(-1, keepdim=True) + eps) * bias + weight
 
 
 @pytest.mark.parametrize("wrong, hint", [
@@ -126,6 +128,37 @@ def ln_weight_bias_swapped(x, weight, bias, eps=1e-5):
 ])
 def test_layer_norm_rejects(wrong, hint):
     assert_rejects(ag.CHECKS, "layer_norm", wrong, hint)
+
+
+def _centred(x):
+    return x - x.mean(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("forbidden", [
+    lambda x, weight, bias, eps=1e-5: F.layer_norm(x, x.shape[-1:], weight, bias, eps),
+    lambda x, weight, bias, eps=1e-5: torch.layer_norm(x, x.shape[-1:], weight, bias, eps),
+    lambda x, weight, bias, eps=1e-5: nn.functional.layer_norm(x, (weight.shape[0],), eps=eps) * weight + bias,
+    lambda x, weight, bias, eps=1e-5: F.group_norm(x.reshape(-1, x.shape[-1]), 1, weight, bias, eps).reshape(x.shape),
+    lambda x, weight, bias, eps=1e-5: F.instance_norm(x.reshape(-1, 1, x.shape[-1]), eps=eps).reshape(x.shape)
+    * weight + bias,
+    lambda x, weight, bias, eps=1e-5: F.batch_norm(x.reshape(-1, x.shape[-1]).T, None, None, training=True,
+                                                   eps=eps).T.reshape(x.shape) * weight + bias,
+    lambda x, weight, bias, eps=1e-5: F.rms_norm(_centred(x), x.shape[-1:], weight, eps) + bias,
+], ids=["F.layer_norm", "torch.layer_norm", "layer_norm then affine", "group_norm", "instance_norm",
+        "batch_norm", "rms_norm"])
+def test_layer_norm_with_a_library_norm_is_rejected_by_its_rule(forbidden):
+    text = assert_rejects(ag.CHECKS, "layer_norm", forbidden)
+    assert "broke a rule of the exercise: compute the mean and the variance yourself" in text
+
+
+def test_layer_norm_with_nn_layernorm_is_rejected_by_its_rule():
+    def with_module(x, weight, bias, eps=1e-5):
+        norm = nn.LayerNorm(x.shape[-1], eps=eps)
+        norm.weight.copy_(weight)
+        norm.bias.copy_(bias)
+        return norm(x)
+    text = assert_rejects(ag.CHECKS, "layer_norm", with_module)
+    assert "F.layer_norm, nn.LayerNorm" in text and "it called layer_norm" in text
 
 
 def test_layer_norm_one_pass_variance_gets_its_hint_when_graded():
@@ -330,3 +363,22 @@ def test_stack_fails_when_the_block_is_wrong():
                 x = block(x, padding_mask)
             return x
     assert_rejects(ag.CHECKS, "TransformerEncoder", Stack)
+
+
+# --- the block and the stack get a correct layer_norm ------------------------------------------
+
+def ln_unbiased(x, weight, bias, eps=1e-5):  # what a wrong Exercise 1 would feed the notebook's LayerNorm
+    mean = x.mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(x.var(-1, keepdim=True) + eps) * weight + bias
+
+
+@pytest.mark.parametrize("name", ["EncoderBlock", "TransformerEncoder"])
+def test_a_wrong_layer_norm_does_not_fail_the_block_or_the_stack(name, monkeypatch):
+    namespace = sol.layer_norm.__globals__  # the notebook's LayerNorm looks layer_norm up here
+    monkeypatch.setitem(namespace, "layer_norm", ln_unbiased)
+    check = ag.CHECKS[name]
+    assert check.task.uses == ("layer_norm",)
+    report = evaluate(check, namespace[name], seed=0, namespace=namespace)
+    assert report.passed, report.summary()
+    alone = judge(check, produce(check.task, namespace[name], 0, None, given={}, namespace=namespace), 0, None)
+    assert not alone.passed  # without the given layer_norm the block would fail too

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from autograders.engine.core import Case, Task, TaskSet, randn
+from autograders.engine.core import Case, Forbid, Task, TaskSet, randn
 from coursekit.seq2seq_data import BOS, EOS, PAD, TinyScorer
 
 CHAPTER = "04_decoder_seq2seq"
@@ -131,6 +131,16 @@ def _loss_inputs(g, B, T, V, pad_id=PAD, reduction="mean", scale=2.0, no_pad=Fal
     return {"logits": logits, "targets": targets, "pad_id": pad_id, "reduction": reduction}
 
 
+# torch.log_softmax is allowed (the exercise is about which positions count and how they are
+# averaged); the loss functions that do all of it are not.
+NO_LOSS_FUNCTION = Forbid(
+    "compute the loss from torch.log_softmax and gather yourself: F.cross_entropy, nn.CrossEntropyLoss, "
+    "F.nll_loss and nn.NLLLoss are not allowed in seq2seq_loss",
+    functions=("cross_entropy", "nll_loss", "nll_loss2d", "nll_loss_nd"),
+    ops=("aten.cross_entropy_loss", "aten.nll_loss", "aten.nll_loss_nd", "aten.nll_loss2d",
+         "aten.nll_loss_forward", "aten.nll_loss2d_forward"),
+)
+
 LOSS = Task(
     "seq2seq_loss",
     cases=(
@@ -145,6 +155,7 @@ LOSS = Task(
              hidden=True),
     ),
     output_names=("loss",),
+    rules=(NO_LOSS_FUNCTION,),
 )
 
 

@@ -231,12 +231,16 @@ TILED = Task(
     ),
     call=_attention_call,
     output_names=("out", "lse"),
+    uses=("online_softmax_update",),
 )
 
 
 # ---------------------------------------------------------------------------------------------
 # 3. causal tiled attention that skips fully masked tiles
 
+# No given online_softmax_update here: the FLOP rule of this call counts the P @ V products, which the
+# given version would compute outside the sandbox (uncounted) when graded, so that a solution which
+# does not skip the masked tiles would pass there. A wrong online_softmax_update fails this too.
 CAUSAL = Task(
     "causal_tiled_attention",
     cases=(
@@ -313,6 +317,7 @@ FUNCTION = Task(
     ),
     call=_function_call,
     output_names=("out", "dq", "dk", "dv"),
+    uses=("tiled_attention", "causal_tiled_attention"),
 )
 
 

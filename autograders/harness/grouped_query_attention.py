@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from autograders.engine.core import Case, Task, TaskSet, randn
+from autograders.engine.core import Case, Forbid, Task, TaskSet, randn
 
 CHAPTER = "08_grouped_query_attention"
 
@@ -44,6 +44,20 @@ def _gqa_inputs(B, H, H_kv, T_q, T_k, d, causal, scale=1.0):
     return make
 
 
+# F.scaled_dot_product_attention(..., enable_gqa=True) computes the whole exercise; every route to
+# PyTorch's fused attention (the kernels it dispatches to, nn.MultiheadAttention) is refused.
+NO_FUSED_ATTENTION = Forbid(
+    "write the attention yourself (scores, mask, softmax, weighted sum): F.scaled_dot_product_attention "
+    "and nn.MultiheadAttention are not allowed in grouped_query_attention",
+    functions=("scaled_dot_product_attention", "multi_head_attention_forward", "_scaled_dot_product_attention_math",
+               "_native_multi_head_attention"),
+    ops=("aten.scaled_dot_product_attention", "aten._scaled_dot_product_attention_math",
+         "aten._scaled_dot_product_attention_math_for_mps", "aten._scaled_dot_product_flash_attention",
+         "aten._scaled_dot_product_flash_attention_for_cpu", "aten._scaled_dot_product_efficient_attention",
+         "aten._scaled_dot_product_cudnn_attention", "aten._scaled_dot_product_fused_attention_overrideable",
+         "aten._flash_attention_forward", "aten._efficient_attention_forward", "aten._native_multi_head_attention"),
+)
+
 GQA = Task(
     "grouped_query_attention",
     cases=(
@@ -58,6 +72,8 @@ GQA = Task(
         Case("4 query heads, 2 KV heads, 3 queries, 6 keys, no mask", _gqa_inputs(1, 4, 2, 3, 6, 4, False),
              hidden=True),
     ),
+    rules=(NO_FUSED_ATTENTION,),
+    uses=("repeat_kv",),
 )
 
 
@@ -141,6 +157,7 @@ MODULE = Task(
              hidden=True),
     ),
     call=_call_module,
+    uses=("grouped_query_attention",),
 )
 
 

@@ -138,6 +138,7 @@ FORWARD = Task(
     ),
     call=_call_forward,
     output_names=("logits", "cached keys (stacked over layers)", "cached values (stacked over layers)"),
+    uses=("append_kv", "attend_with_cache"),
 )
 
 

@@ -71,6 +71,7 @@ GATING = Task(
         Case("12 tokens, k=3, noise=None", lambda g: _gating_inputs(g, 12, 8, 6, 3, noise=False), hidden=True),
     ),
     output_names=("gates",),
+    uses=("keep_top_k",),
 )
 
 
@@ -121,6 +122,7 @@ IMPORTANCE = Task(
              lambda g: {"gates": _routed_gates(g, 10, 4, 1, skew=100.0), "w_importance": 1.0}, hidden=True),
     ),
     output_names=("loss",),
+    uses=("cv_squared",),
 )
 
 
@@ -234,6 +236,7 @@ MOE = Task(
     ),
     call=_call_moe,
     output_names=("output", "balancing_loss", "tokens_per_expert"),
+    uses=("keep_top_k", "cv_squared", "importance_loss", "smooth_load"),
 )
 
 

@@ -111,6 +111,7 @@ MHA = Task(
     ),
     call=_call_mha,
     output_names=("output", "weights"),
+    uses=("split_heads", "merge_heads"),
 )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from autograders.engine.core import Case, Task, TaskSet, randn
+from autograders.engine.core import Case, Forbid, Require, Task, TaskSet, Trace, randn
 
 CHAPTER = "01_self_attention"
 
@@ -22,6 +22,14 @@ def _with_inf(g):
     s[0, 1] = s[2, 0] = s[2, 5] = s[3, 3] = float("-inf")
     return {"scores": s, "dim": -1}
 
+
+NO_SOFTMAX = Forbid(
+    "compute the softmax yourself (max, exp, sum): torch.softmax, F.softmax, Tensor.softmax, nn.Softmax and "
+    "the log_softmax / softmin variants are not allowed in stable_softmax",
+    functions=("softmax", "log_softmax", "special_softmax", "special_log_softmax", "softmin", "_softmax",
+               "_log_softmax"),
+    ops=("aten._softmax", "aten._log_softmax", "aten._safe_softmax", "aten.softmax", "aten.log_softmax"),
+)
 
 SOFTMAX = Task(
     "stable_softmax",
@@ -37,6 +45,7 @@ SOFTMAX = Task(
         Case("batch 2x3x4, along axis 1", lambda g: {"scores": randn(g, 2, 3, 4), "dim": 1}, hidden=True),
         Case("a single score", lambda g: {"scores": randn(g, 1), "dim": -1}, hidden=True),
     ),
+    rules=(NO_SOFTMAX,),
 )
 
 
@@ -69,6 +78,27 @@ def _projections(g, T, d_in, d_k, d_v, batch=None, scale=1.0):
     }
 
 
+# A product of vectors, however it is written (@, torch.dot, torch.mv, *), as ATen sees it.
+PRODUCT_OPS = ("aten.mm", "aten.mv", "aten.dot", "aten.vdot", "aten.bmm", "aten.addmm", "aten.addmv",
+               "aten.baddbmm", "aten.addbmm", "aten.mul", "aten.mul_")
+
+
+def _products(trace: Trace) -> int:
+    return trace.count(*PRODUCT_OPS)
+
+
+# The three projections X @ W are 3 products whatever the form; the matrix form adds only Q @ K^T
+# and A @ V (5 in all), the loop form at least one product for each query's scores and one for its
+# weighted sum of values (2T + 3 or more). T = 1 cannot tell them apart and does not need to.
+ONE_QUERY_AT_A_TIME = Require(
+    "attention_loop must loop over the query positions and compute each query's scores and its weighted "
+    "sum of values on its own (the checks count at least 2 products -- @, torch.dot or * -- per query)",
+    test=lambda trace, inputs: _products(trace) >= 2 * inputs["X"].shape[0],
+    found=lambda trace, inputs: (f"it made {_products(trace)} products for T={inputs['X'].shape[0]} queries, "
+                                 f"fewer than 2T = {2 * inputs['X'].shape[0]}: that is the matrix form, "
+                                 f"not a loop over the queries"),
+)
+
 LOOP = Task(
     "attention_loop",
     cases=(
@@ -78,6 +108,8 @@ LOOP = Task(
         Case("T=9, d_in=16, d_k=8, d_v=4", lambda g: _projections(g, 9, 16, 8, 4), hidden=True),
         Case("large inputs (x10)", lambda g: _projections(g, 5, 6, 6, 6, scale=10.0), hidden=True),
     ),
+    rules=(ONE_QUERY_AT_A_TIME,),
+    uses=("stable_softmax",),
 )
 
 MATRIX = Task(
@@ -90,6 +122,7 @@ MATRIX = Task(
              hidden=True),
     ),
     output_names=("output", "weights"),
+    uses=("scaled_scores", "stable_softmax"),
 )
 
 
@@ -133,6 +166,7 @@ MODULE = Task(
     ),
     call=_call_module,
     output_names=("output", "weights"),
+    uses=("scaled_scores", "stable_softmax"),
 )
 
 

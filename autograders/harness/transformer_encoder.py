@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from autograders.engine.core import Case, Task, TaskSet, randn
+from autograders.engine.core import Case, Forbid, Task, TaskSet, randn
 
 CHAPTER = "03_transformer_encoder"
 
@@ -38,6 +38,19 @@ def _ln_inputs(g, *shape, scale=1.0, offset=0.0, constant_row=False):
     return {"x": x, "weight": 1.0 + 0.5 * randn(g, d), "bias": 0.5 * randn(g, d), "eps": EPS}
 
 
+# Every PyTorch routine that normalises a vector by its mean and variance (group norm with one group,
+# instance norm and batch norm on a reshaped input, or RMS norm after centring compute layer norm too).
+NO_LIBRARY_NORM = Forbid(
+    "compute the mean and the variance yourself: F.layer_norm, nn.LayerNorm and the other normalisation "
+    "functions (group_norm, instance_norm, batch_norm, rms_norm) are not allowed in layer_norm",
+    functions=("layer_norm", "native_layer_norm", "group_norm", "native_group_norm", "instance_norm",
+               "batch_norm", "native_batch_norm", "rms_norm", "_fused_rms_norm"),
+    ops=("aten.layer_norm", "aten.native_layer_norm", "aten.group_norm", "aten.native_group_norm",
+         "aten.instance_norm", "aten.batch_norm", "aten.native_batch_norm", "aten._native_batch_norm_legit",
+         "aten._native_batch_norm_legit_no_training", "aten._batch_norm_with_update",
+         "aten._batch_norm_no_update", "aten.rms_norm", "aten._fused_rms_norm"),
+)
+
 LAYER_NORM = Task(
     "layer_norm",
     cases=(
@@ -50,6 +63,7 @@ LAYER_NORM = Task(
         Case("large values (x100)", lambda g: _ln_inputs(g, 2, 7, 12, scale=100.0), hidden=True),
         Case("one token, d=64", lambda g: _ln_inputs(g, 1, 64), hidden=True),
     ),
+    rules=(NO_LIBRARY_NORM,),
 )
 
 
@@ -189,6 +203,7 @@ ENCODER_BLOCK = Task(
         Case("3 heads, large inputs (x5)", lambda g: _block_inputs(g, 2, 6, 12, 3, 20, scale=5.0), hidden=True),
     ),
     call=_call_block,
+    uses=("layer_norm",),  # through the notebook's LayerNorm module
 )
 
 
@@ -205,6 +220,7 @@ TRANSFORMER_ENCODER = Task(
              lambda g: _block_inputs(g, 4, 10, 32, 8, 64, padding="random", num_layers=2), hidden=True),
     ),
     call=_call_stack,
+    uses=("layer_norm",),
 )
 
 
