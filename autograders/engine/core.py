@@ -346,6 +346,11 @@ def default_namespace(impl: Any) -> dict | None:
     globs = getattr(impl, "__globals__", None)
     if isinstance(globs, dict):
         return globs
+    if isinstance(impl, type):  # a class: the globals its own methods see
+        for value in vars(impl).values():
+            globs = getattr(value, "__globals__", None)
+            if isinstance(globs, dict):
+                return globs
     module = sys.modules.get(getattr(impl, "__module__", "") or "")
     return getattr(module, "__dict__", None)
 

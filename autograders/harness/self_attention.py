@@ -25,10 +25,11 @@ def _with_inf(g):
 
 NO_SOFTMAX = Forbid(
     "compute the softmax yourself (max, exp, sum): torch.softmax, F.softmax, Tensor.softmax, nn.Softmax and "
-    "the log_softmax / softmin variants are not allowed in stable_softmax",
+    "the log_softmax / softmin / logsumexp shortcuts are not allowed in stable_softmax",
     functions=("softmax", "log_softmax", "special_softmax", "special_log_softmax", "softmin", "_softmax",
-               "_log_softmax"),
-    ops=("aten._softmax", "aten._log_softmax", "aten._safe_softmax", "aten.softmax", "aten.log_softmax"),
+               "_log_softmax", "logsumexp", "special_logsumexp"),
+    ops=("aten._softmax", "aten._log_softmax", "aten._safe_softmax", "aten.softmax", "aten.log_softmax",
+         "aten.logsumexp"),
 )
 
 SOFTMAX = Task(
@@ -108,7 +109,13 @@ LOOP = Task(
         Case("T=9, d_in=16, d_k=8, d_v=4", lambda g: _projections(g, 9, 16, 8, 4), hidden=True),
         Case("large inputs (x10)", lambda g: _projections(g, 5, 6, 6, 6, scale=10.0), hidden=True),
     ),
-    rules=(ONE_QUERY_AT_A_TIME,),
+    rules=(ONE_QUERY_AT_A_TIME,
+           Forbid("attention_loop computes attention itself: fused attention (F.scaled_dot_product_attention, "
+                  "nn.MultiheadAttention) is not allowed",
+                  functions=("scaled_dot_product_attention", "multi_head_attention_forward"),
+                  ops=("aten._scaled_dot_product_flash_attention_for_cpu", "aten._scaled_dot_product_attention_math",
+                       "aten._scaled_dot_product_efficient_attention", "aten._scaled_dot_product_flash_attention",
+                       "aten._scaled_dot_product_cudnn_attention", "aten._fused_sdp_choice"))),
     uses=("stable_softmax",),
 )
 
