@@ -446,6 +446,10 @@ def wider_corpus() -> list[Kind]:
     def add(name, expected, nb=None, raw=None, **kw):
         k.append(Kind(name, expected, nb, raw, **kw))
 
+    # a cell that takes seconds of CPU: on a loaded machine it exceeds the wall limit, never the CPU limit
+    add("slow_untagged_cell", FULL, insert_after(solved(), "test_scaled_scores",
+                                                 "import time\n_t = time.process_time()\n"
+                                                 "while time.process_time() - _t < 3.0:\n    pass"))
     add("stub_steals_reference", but(stable_softmax=0), set_answer(solved(), "stable_softmax", STEAL_REFERENCE))
     add("stub_patches_harness", ZERO, insert_after_setup(release(), PATCH_HARNESS))
     # sabotaging the sandbox's own copy of the tasks costs the saboteur every exercise produced after it

@@ -62,6 +62,13 @@ def graded(tmp_path_factory):
     # two students whose names differ only in characters a cleaner would replace
     nbformat.write(gc.solved(), subs / "ann smith.ipynb")
     nbformat.write(gc.release(), subs / "ann_smith.ipynb")
+    # files that must never be followed, opened or merged
+    secret_file = course / "secret.txt"
+    secret_file.write_text(gc.SECRET + "\n")
+    os.symlink(ROOT / "solutions" / gc.CHAPTER / gc.NOTEBOOK, subs / "link_to_solution.ipynb")
+    os.symlink(secret_file, subs / "link_to_secret.ipynb")
+    os.mkfifo(subs / "fifo_student.ipynb")
+    nbformat.write(gc.solved(), subs / "...ipynb")  # a student named ".."
 
     # A student graded earlier by hand: nothing in this batch may change their record.
     from nbgrader.api import Gradebook
@@ -102,14 +109,22 @@ def test_every_submission_has_its_own_record(graded):
     from nbgrader.api import Gradebook
 
     results = graded["results"]
-    assert len(results) == len(graded["kinds"]) + 2
+    assert len(results) == len(graded["kinds"]) + 6
     renamed = {r.original: r for r in results.values() if r.original}
-    assert set(renamed) == {"ann smith"} and renamed["ann smith"].score == 10
+    assert set(renamed) == {"ann smith", ".."} and renamed["ann smith"].score == 10 == renamed[".."].score
+    for name, why in (("link_to_solution", "symbolic link"), ("link_to_secret", "symbolic link"),
+                      ("fifo_student", "FIFO")):
+        assert results[name].score == 0 and why in results[name].rows[0].reasons[0], name
+    course = graded["course"]
+    for path in course.rglob("*"):  # nothing written outside the student's own folders
+        if path.is_file() and "feedback" in path.parts:
+            assert path.resolve().is_relative_to((course / "feedback").resolve()), path
     assert results["ann_smith"].score == 0
     with Gradebook(graded["db_url"]) as gb:
         ids = {s.id for s in gb.students}
         assert renamed["ann smith"].student in ids and "ann_smith" in ids
         assert len(gb.find_assignment(gc.CHAPTER).submissions) == len(results) + 1  # + zed, graded by hand
+        assert "link_to_solution" in ids and "fifo_student" in ids
     summary = (graded["course"] / "out" / "summary.md").read_text()
     assert "ann smith" in summary and "derived id" in summary
 

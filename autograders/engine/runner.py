@@ -121,6 +121,9 @@ def main(job_path: str, out_fd: int, in_fd: int) -> None:
     sys.stderr = sink
     shell = InteractiveShell.instance(colors="nocolor")
     shell.display_pub.publish = lambda *a, **k: None  # rich outputs are not kept
+    import builtins
+
+    pristine = dict(vars(builtins))  # a student's patched builtins must not break the engine's own code
     mark("ready")
 
     checkpoints = {int(k): v for k, v in job["checkpoints"].items()}
@@ -133,6 +136,8 @@ def main(job_path: str, out_fd: int, in_fd: int) -> None:
             pass
         for exercise in checkpoints.get(index, []):
             name = exercise["exercise"]
+            vars(builtins).clear()
+            vars(builtins).update(pristine)
             mark(f"produce {name}")
             record, blobs = {}, []
             for item in exercise["checks"]:
