@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from torch import nn
 from coursekit.encoder import EncoderConfig, TransformerEncoder, count_parameters
 
 __all__ = ["SmallCNN", "TrainResult", "ViT", "ViTConfig", "accuracy", "count_parameters", "cosine_schedule",
-           "patchify", "progress_bar", "random_shift", "train_classifier", "unpatchify"]
+           "patchify", "progress_bar", "showing_progress", "random_shift", "train_classifier", "unpatchify"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,14 +170,25 @@ class SmallCNN(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # training
 
+def showing_progress() -> bool:
+    """Whether progress bars are drawn: ``COURSE_PROGRESS=1``/``0`` decides if set; otherwise yes in a
+    notebook opened in Jupyter (its kernels have ``JPY_SESSION_NAME``) or a terminal, and no in
+    unattended runs (pytest/nbval, nbclient, the book build, the grader), whose logs stay clean."""
+    forced = os.environ.get("COURSE_PROGRESS")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if "PYTEST_CURRENT_TEST" in os.environ:
+        return False
+    return "JPY_SESSION_NAME" in os.environ or sys.stderr.isatty()
+
+
 def progress_bar(iterable: Iterable | None = None, **kwargs):
-    """A ``tqdm.auto`` bar, switched off where nobody watches it: when ``COURSE_PROGRESS=0`` and while
-    pytest runs (nbval's kernels inherit ``PYTEST_CURRENT_TEST``), so test logs and graded runs stay clean."""
+    """A ``tqdm.auto`` bar (a widget in Jupyter, text in a terminal), off where nobody watches it
+    (see :func:`showing_progress`)."""
     from tqdm.auto import tqdm
 
-    quiet = os.environ.get("COURSE_PROGRESS", "1") == "0" or "PYTEST_CURRENT_TEST" in os.environ
     kwargs.setdefault("mininterval", 0.5)
-    return tqdm(iterable, disable=quiet, **kwargs)
+    return tqdm(iterable, disable=not showing_progress(), **kwargs)
 
 
 def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:

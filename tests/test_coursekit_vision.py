@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from coursekit.encoder import torch_encoder, torch_state_dict
 from coursekit.vision import (SmallCNN, ViT, ViTConfig, accuracy, cosine_schedule, count_parameters, patchify,
-                              progress_bar, random_shift, train_classifier, unpatchify)
+                              progress_bar, random_shift, showing_progress, train_classifier, unpatchify)
 
 
 @pytest.mark.parametrize("shape, p", [((2, 1, 8, 8), 2), ((3, 3, 12, 8), 4), ((1, 2, 6, 9), 3), ((2, 1, 4, 4), 4),
@@ -134,7 +134,14 @@ def test_bad_training_arguments():
         accuracy(SmallCNN(2, image_size=8), images, labels[:3])
 
 
-def test_progress_bar_is_quiet_under_pytest(capsys):
+def test_progress_bar_is_quiet_in_unattended_runs(capsys, monkeypatch):
     for _ in progress_bar(range(3), desc="quiet"):
         pass
     assert "quiet" not in capsys.readouterr().err
+    monkeypatch.delenv("COURSE_PROGRESS", raising=False)
+    assert not showing_progress()  # under pytest
+    monkeypatch.delenv("PYTEST_CURRENT_TEST")
+    monkeypatch.setenv("JPY_SESSION_NAME", "/home/student/vision_transformer.ipynb")
+    assert showing_progress()  # a notebook opened in Jupyter
+    monkeypatch.setenv("COURSE_PROGRESS", "0")
+    assert not showing_progress()
