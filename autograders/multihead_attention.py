@@ -383,5 +383,58 @@ GRAPH = Check(
 )
 
 
-CHECKS = CheckSet(CHAPTER, [SPLIT, MERGE, MHA, SINUSOID_CHECK, WINDOW, CAUSAL, GRAPH])
+# ---------------------------------------------------------------------------------------------
+# 8. the footprint of a stack of masked layers: reachability in exactly `layers` steps
+
+
+def _footprint_ref(inputs):
+    mask, layers = inputs["mask"], inputs["layers"]
+    reach = mask.clone()
+    for _ in range(layers - 1):  # output i of layer l+1 reads output k of layer l where mask[i, k]
+        reach = torch.stack([(mask[i][:, None] & reach).any(dim=0) for i in range(mask.shape[0])])
+    return reach
+
+
+def _footprint_power(mask, layers, *, extra=0, transpose=False, union=False, dtype=torch.float32):
+    m = (mask.T if transpose else mask).to(dtype)
+    total = torch.zeros_like(m)
+    reach = m.clone()
+    for step in range(1, layers + extra):
+        if union:
+            total = total + reach
+        reach = reach @ m
+    return ((total + reach) if union else reach) > 0 if layers + extra >= 1 else torch.eye(len(m)) > 0
+
+
+STACKED = Check(
+    H.FOOTPRINT,
+    reference=_footprint_ref,
+    tolerance=EXACT,
+    mistakes=(
+        Mistake("one layer too few", lambda mask, layers: _footprint_power(mask, layers, extra=-1,
+                                                                          dtype=torch.float64),
+                "your footprint is that of one layer fewer: `layers` masks are composed (layers - 1 products "
+                "of the mask with itself)."),
+        Mistake("union of powers", lambda mask, layers: _footprint_power(mask, layers, union=True,
+                                                                        dtype=torch.float64),
+                "your footprint allows chains of 1 to `layers` steps: that is a stack WITH residual "
+                "connections. Without them every path takes exactly `layers` steps -- which differs when "
+                "a position may not attend to itself."),
+        Mistake("transposed", lambda mask, layers: _footprint_power(mask, layers, transpose=True,
+                                                                   dtype=torch.float64),
+                "your footprint is transposed: row i is output i, column j input j; output i reads the "
+                "positions k with mask[i, k], and each of those reads the j with mask[k, j]."),
+        Mistake("element-wise power", lambda mask, layers: mask.clone(),
+                "your footprint is the mask itself (an element-wise power or AND of the mask with itself): "
+                "stacking composes the masks, a boolean MATRIX product."),
+        Mistake("float32 path counts", lambda mask, layers: _footprint_power(mask, layers),
+                "counting paths in float32 overflows to inf after a few dozen layers, and inf * 0 = NaN in "
+                "the next product: turn the result back into booleans (> 0) after every product."),
+    ),
+    describe_inputs=lambda inputs: f"mask: {tuple(inputs['mask'].shape)} with {int(inputs['mask'].sum())} True, "
+                                   f"layers={inputs['layers']}",
+)
+
+
+CHECKS = CheckSet(CHAPTER, [SPLIT, MERGE, MHA, SINUSOID_CHECK, WINDOW, CAUSAL, GRAPH, STACKED])
 check = CHECKS.check

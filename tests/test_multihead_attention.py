@@ -14,12 +14,13 @@ from notebook_code import load_solutions, not_implemented
 
 sol = load_solutions(ag.CHAPTER)  # includes the notebook's given attention() helper
 
-FUNCTIONS = ["split_heads", "merge_heads", "sinusoidal_encoding", "window_mask", "causal_mask", "graph_mask"]
+FUNCTIONS = ["split_heads", "merge_heads", "sinusoidal_encoding", "window_mask", "causal_mask", "graph_mask",
+             "stacked_footprint"]
 
 
 def test_every_exercise_has_a_check():
     assert set(ag.CHECKS.checks) == {"split_heads", "merge_heads", "MultiHeadAttention", "sinusoidal_encoding",
-                                     "window_mask", "causal_mask", "graph_mask"}
+                                     "window_mask", "causal_mask", "graph_mask", "stacked_footprint"}
 
 
 @pytest.mark.parametrize("name", list(ag.CHECKS.checks))
@@ -49,6 +50,10 @@ def test_solution_helpers_reject_bad_input():
         sol.sinusoidal_encoding(3, 5)
     with pytest.raises(ValueError, match=r"\(E, 2\)"):
         sol.graph_mask(torch.tensor([0, 1]), 3)
+    with pytest.raises(ValueError, match="at least 1"):
+        sol.stacked_footprint(torch.eye(3, dtype=torch.bool), 0)
+    with pytest.raises(ValueError, match="square boolean"):
+        sol.stacked_footprint(torch.eye(3), 2)
     with pytest.raises(TypeError, match="boolean"):
         sol.attention(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), mask=torch.ones(2, 2))
 
@@ -311,6 +316,66 @@ def graph_as_int(edges, num_nodes):
 ])
 def test_graph_rejects(wrong, hint):
     assert_rejects(ag.CHECKS, "graph_mask", wrong, hint)
+
+
+# --- stacked_footprint ---------------------------------------------------------------------------
+
+def footprint_one_too_few(mask, layers):
+    reach = torch.eye(mask.shape[0], dtype=torch.bool)
+    for _ in range(layers - 1):
+        reach = (reach.float() @ mask.float()) > 0
+    return reach
+
+
+def footprint_union(mask, layers):  # chains of 1 .. layers steps: a stack with residual connections
+    reach, total = mask, mask.clone()
+    for _ in range(layers - 1):
+        reach = (reach.float() @ mask.float()) > 0
+        total |= reach
+    return total
+
+
+def footprint_transposed(mask, layers):
+    return sol.stacked_footprint(mask.T.contiguous(), layers)
+
+
+def footprint_elementwise(mask, layers):
+    return mask ** layers if mask.dtype != torch.bool else mask & mask
+
+
+def footprint_float_counts(mask, layers):
+    return torch.linalg.matrix_power(mask.float(), layers) > 0
+
+
+def footprint_int_counts(mask, layers):  # int64 path counts wrap around after a few dozen layers
+    return torch.linalg.matrix_power(mask.long(), layers) > 0
+
+
+def footprint_as_float(mask, layers):
+    return sol.stacked_footprint(mask, layers).float()
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (footprint_one_too_few, "one layer fewer"),
+    (footprint_union, None),  # visible cases have self loops or a single key per query: caught when graded
+    (footprint_transposed, "transposed"),
+    (footprint_elementwise, "element-wise power"),
+    (footprint_float_counts, None),
+    (footprint_int_counts, None),
+    (footprint_as_float, "boolean tensor"),
+])
+def test_stacked_footprint_rejects(wrong, hint):
+    assert_rejects(ag.CHECKS, "stacked_footprint", wrong, hint)
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (footprint_union, "WITH residual"),
+    (footprint_float_counts, "overflows"),
+])
+def test_stacked_footprint_hidden_cases_name_the_mistake(wrong, hint):
+    from autograders.engine.core import evaluate
+    report = evaluate(ag.CHECKS["stacked_footprint"], wrong, seed=0, hidden=True)
+    assert not report.passed and hint in report.summary()
 
 
 def _passes_only_with_the_given_versions(name, wrong, monkeypatch):

@@ -207,4 +207,59 @@ GRAPH = Task(
 )
 
 
-TASKS = TaskSet(CHAPTER, [SPLIT, MERGE, MHA, SINUSOID_CHECK, WINDOW, CAUSAL, GRAPH])
+# ---------------------------------------------------------------------------------------------
+# 8. the footprint of a stack of masked layers (no residual connections)
+
+def _footprint_inputs(kind, T, layers, w=1, p=0.3):
+    def make(g):
+        i = torch.arange(T)
+        if kind == "window":
+            mask = (i[:, None] - i[None, :]).abs() <= w
+        elif kind == "causal":
+            mask = i[None, :] <= i[:, None]
+        elif kind == "previous only":  # strictly earlier keys: no self loops
+            mask = i[None, :] < i[:, None]
+        elif kind == "shift":  # each query sees only the key just before it
+            mask = i[None, :] == i[:, None] - 1
+        elif kind == "random":
+            mask = torch.rand(T, T, generator=g) < p
+        elif kind == "two groups":  # the first half may attend to the second, not the other way round
+            mask = torch.rand(T, T, generator=g) < p
+            mask[T // 2:, : T // 2] = False
+        elif kind == "random with self loops":
+            mask = (torch.rand(T, T, generator=g) < p) | torch.eye(T, dtype=torch.bool)
+        else:
+            raise ValueError(kind)
+        return {"mask": mask, "layers": layers}
+    return make
+
+
+def _call_footprint(impl, inputs):
+    footprint = impl(inputs["mask"].clone(), inputs["layers"])
+    if not isinstance(footprint, torch.Tensor) or footprint.dtype != torch.bool:
+        kind = footprint.dtype if isinstance(footprint, torch.Tensor) else type(footprint).__name__
+        raise TypeError(f"stacked_footprint must return a boolean tensor (dtype torch.bool), got {kind}")
+    return footprint
+
+
+FOOTPRINT = Task(
+    "stacked_footprint",
+    cases=(
+        Case("window w=1, T=8, 2 layers", _footprint_inputs("window", 8, 2)),
+        Case("causal, T=6, 3 layers", _footprint_inputs("causal", 6, 3)),
+        Case("each query sees only the key before it, T=7, 3 layers", _footprint_inputs("shift", 7, 3)),
+        Case("one layer", _footprint_inputs("window", 5, 1, w=2), hidden=True),
+        Case("strictly earlier keys (no self loops), T=6, 3 layers", _footprint_inputs("previous only", 6, 3),
+             hidden=True),
+        Case("a random mask with self loops, T=7, 2 layers", _footprint_inputs("random with self loops", 7, 2),
+             hidden=True),
+        Case("a random mask without self loops, T=9, 3 layers", _footprint_inputs("random", 9, 3, p=0.25),
+             hidden=True),
+        Case("T=40, 200 layers (path counts overflow float32 and int64)",
+             _footprint_inputs("two groups", 40, 200, p=0.5), hidden=True),
+    ),
+    call=_call_footprint,
+)
+
+
+TASKS = TaskSet(CHAPTER, [SPLIT, MERGE, MHA, SINUSOID_CHECK, WINDOW, CAUSAL, GRAPH, FOOTPRINT])
