@@ -1,8 +1,9 @@
 """Checks for chapter 03, the Transformer encoder.
 
 Conventions (stated in the notebook too): a batch of sequences is a ``(B, T, d_model)`` tensor
-(batch first); layer norm normalises over the last axis; a padding mask has shape ``(B, T)`` and is
-True where a position is padding (PyTorch's ``src_key_padding_mask`` convention).
+(batch first); layer norm normalises over the last axis; masks are True where a query may attend, as in
+every chapter: the key mask has shape ``(B, T)`` and is True at real tokens, False at padding. PyTorch's
+``src_key_padding_mask`` is the opposite (True at padding): the references get ``~key_mask``.
 
 The encoder block and the stack are compared with ``nn.TransformerEncoderLayer`` (post-norm, ReLU,
 no dropout) and ``nn.TransformerEncoder``, in eval mode, with the same weights copied into both.
@@ -187,12 +188,12 @@ FEED_FORWARD = Check(
 
 
 def _describe_block(inputs):
-    x, mask = inputs["x"], inputs["padding_mask"]
+    x, mask = inputs["x"], inputs["key_mask"]
     text = f"x: {tuple(x.shape)}, nhead={inputs['nhead']}, d_ff={inputs['d_ff']}"
     if "num_layers" in inputs:
         text += f", num_layers={inputs['num_layers']}"
     if mask is not None:
-        text += f", padding_mask: {tuple(mask.shape)} with lengths {(~mask).sum(1).tolist()}"
+        text += f", key_mask: {tuple(mask.shape)} with lengths {mask.sum(1).tolist()}"
     return text
 
 
@@ -205,11 +206,16 @@ def _torch_layer(inputs):
                                       norm_first=False)
 
 
+def _padding_of(key_mask):
+    """The course's key mask (True = may attend) as PyTorch's key padding mask (True = padding)."""
+    return None if key_mask is None else ~key_mask
+
+
 def _block_ref(inputs):
     layer = _torch_layer(inputs)
     layer.load_state_dict(inputs["params"])
     layer.eval()
-    return layer(inputs["x"], src_key_padding_mask=inputs["padding_mask"])
+    return layer(inputs["x"], src_key_padding_mask=_padding_of(inputs["key_mask"]))
 
 
 def _stack_ref(inputs):
@@ -218,7 +224,7 @@ def _stack_ref(inputs):
     for layer, params in zip(stack.layers, inputs["layers"]):
         layer.load_state_dict(params)
     stack.eval()
-    return stack(inputs["x"], src_key_padding_mask=inputs["padding_mask"])
+    return stack(inputs["x"], src_key_padding_mask=_padding_of(inputs["key_mask"]))
 
 
 # Correct pieces the mistakes below are built from (the attribute names of the notebook's interface).
@@ -247,52 +253,52 @@ class _BlockBase(nn.Module):
         self.norm1 = _LayerNorm(d_model)
         self.norm2 = _LayerNorm(d_model)
 
-    def attend(self, x, padding_mask):
-        return self.self_attn(x, x, x, key_padding_mask=padding_mask, need_weights=False)[0]
+    def attend(self, x, key_mask, convert=True):
+        padding = _padding_of(key_mask) if convert else key_mask
+        return self.self_attn(x, x, x, key_padding_mask=padding, need_weights=False)[0]
 
 
 class _PreNorm(_BlockBase):
-    def forward(self, x, padding_mask=None):
+    def forward(self, x, key_mask=None):
         h = self.norm1(x)
-        x = x + self.attend(h, padding_mask)
+        x = x + self.attend(h, key_mask)
         return x + self.ffn(self.norm2(x))
 
 
 class _NoAttentionResidual(_BlockBase):
-    def forward(self, x, padding_mask=None):
-        x = self.norm1(self.attend(x, padding_mask))
+    def forward(self, x, key_mask=None):
+        x = self.norm1(self.attend(x, key_mask))
         return self.norm2(x + self.ffn(x))
 
 
 class _NoFFNResidual(_BlockBase):
-    def forward(self, x, padding_mask=None):
-        x = self.norm1(x + self.attend(x, padding_mask))
+    def forward(self, x, key_mask=None):
+        x = self.norm1(x + self.attend(x, key_mask))
         return self.norm2(self.ffn(x))
 
 
 class _NormBeforeAdding(_BlockBase):
-    def forward(self, x, padding_mask=None):
-        x = x + self.norm1(self.attend(x, padding_mask))
+    def forward(self, x, key_mask=None):
+        x = x + self.norm1(self.attend(x, key_mask))
         return x + self.norm2(self.ffn(x))
 
 
-class _InvertedPadding(_BlockBase):
-    def forward(self, x, padding_mask=None):
-        mask = None if padding_mask is None else ~padding_mask
-        x = self.norm1(x + self.attend(x, mask))
+class _InvertedPadding(_BlockBase):  # key_mask handed to PyTorch unconverted
+    def forward(self, x, key_mask=None):
+        x = self.norm1(x + self.attend(x, key_mask, convert=False))
         return self.norm2(x + self.ffn(x))
 
 
 class _IgnoresPadding(_BlockBase):
-    def forward(self, x, padding_mask=None):
+    def forward(self, x, key_mask=None):
         x = self.norm1(x + self.attend(x, None))
         return self.norm2(x + self.ffn(x))
 
 
 class _FFNBeforeAttention(_BlockBase):
-    def forward(self, x, padding_mask=None):
+    def forward(self, x, key_mask=None):
         x = self.norm1(x + self.ffn(x))
-        return self.norm2(x + self.attend(x, padding_mask))
+        return self.norm2(x + self.attend(x, key_mask))
 
 
 _BLOCK_MISTAKES = (
@@ -307,11 +313,12 @@ _BLOCK_MISTAKES = (
     Mistake("norm applied before adding", _NormBeforeAdding,
             "your result matches x + norm(sublayer(x)): normalise the SUM, norm(x + sublayer(x))."),
     Mistake("inverted padding mask", _InvertedPadding,
-            "your result matches a padding mask used the wrong way round: padding_mask is True at PADDING, "
-            "which is what nn.MultiheadAttention's key_padding_mask expects -- pass it unchanged."),
+            "your result matches the key mask used the wrong way round: key_mask is True at REAL tokens (may "
+            "attend), while nn.MultiheadAttention's key_padding_mask is True at padding -- pass "
+            "attend_to_key_padding_mask(key_mask)."),
     Mistake("padding ignored", _IgnoresPadding,
-            "your result matches attention that ignores padding_mask: pass it to self.self_attn as "
-            "key_padding_mask, so that no position attends to padding."),
+            "your result matches attention that ignores key_mask: pass attend_to_key_padding_mask(key_mask) "
+            "to self.self_attn as key_padding_mask, so that no position attends to padding."),
     Mistake("FFN before attention", _FFNBeforeAttention,
             "your result matches the feed-forward sublayer applied first: attention comes first, then the "
             "feed-forward network."),
@@ -330,8 +337,8 @@ ENCODER_BLOCK = Check(
 # Wrong stacks, built from a correct block.
 
 class _Block(_BlockBase):
-    def forward(self, x, padding_mask=None):
-        x = self.norm1(x + self.attend(x, padding_mask))
+    def forward(self, x, key_mask=None):
+        x = self.norm1(x + self.attend(x, key_mask))
         return self.norm2(x + self.ffn(x))
 
 
@@ -342,32 +349,32 @@ class _StackBase(nn.Module):
 
 
 class _NotChained(_StackBase):
-    def forward(self, x, padding_mask=None):
+    def forward(self, x, key_mask=None):
         out = x
         for layer in self.layers:
-            out = layer(x, padding_mask)
+            out = layer(x, key_mask)
         return out
 
 
 class _FirstLayerOnly(_StackBase):
-    def forward(self, x, padding_mask=None):
+    def forward(self, x, key_mask=None):
         for _ in self.layers:
-            x = self.layers[0](x, padding_mask)
+            x = self.layers[0](x, key_mask)
         return x
 
 
 class _MaskOnlyFirst(_StackBase):
-    def forward(self, x, padding_mask=None):
+    def forward(self, x, key_mask=None):
         for i, layer in enumerate(self.layers):
-            x = layer(x, padding_mask if i == 0 else None)
+            x = layer(x, key_mask if i == 0 else None)
         return x
 
 
 class _OuterResidual(_StackBase):
-    def forward(self, x, padding_mask=None):
+    def forward(self, x, key_mask=None):
         out = x
         for layer in self.layers:
-            out = layer(out, padding_mask)
+            out = layer(out, key_mask)
         return x + out
 
 
@@ -383,7 +390,7 @@ TRANSFORMER_ENCODER = Check(
                 "your result matches applying self.layers[0] num_layers times: every block has its own "
                 "weights, loop over self.layers."),
         Mistake("mask only in the first block", _MaskOnlyFirst,
-                "your result matches passing padding_mask to the first block only: every block must "
+                "your result matches passing key_mask to the first block only: every block must "
                 "ignore the padding."),
         Mistake("extra residual around the stack", _OuterResidual,
                 "your result adds the input to the output of the stack: the residuals live inside the "

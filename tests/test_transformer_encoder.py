@@ -46,11 +46,11 @@ def test_stub_modules_fail():
             raise NotImplementedError()
 
     class StubBlock(sol.EncoderBlock):
-        def forward(self, x, padding_mask=None):
+        def forward(self, x, key_mask=None):
             raise NotImplementedError()
 
     class StubStack(sol.TransformerEncoder):
-        def forward(self, x, padding_mask=None):
+        def forward(self, x, key_mask=None):
             raise NotImplementedError()
 
     for name, stub in [("FeedForward", StubFFN), ("EncoderBlock", StubBlock), ("TransformerEncoder", StubStack)]:
@@ -76,8 +76,8 @@ def test_reference_fast_path_equals_slow_path(check_name, case_name):
         finally:
             torch.backends.mha.set_fastpath_enabled(True)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
-    if inputs["padding_mask"] is not None:  # padding positions are computed, not zeroed
-        assert fast[inputs["padding_mask"]].abs().max() > 0.1
+    if inputs["key_mask"] is not None:  # padding positions are computed, not zeroed
+        assert fast[~inputs["key_mask"]].abs().max() > 0.1
 
 
 # --- layer_norm ---------------------------------------------------------------------------------
@@ -224,53 +224,61 @@ def test_feed_forward_rejects(wrong, hint):
 
 # --- EncoderBlock -------------------------------------------------------------------------------
 
-def _attend(block, x, mask):
-    return block.self_attn(x, x, x, key_padding_mask=mask, need_weights=False)[0]
+def _attend(block, x, key_mask):
+    padding = sol.attend_to_key_padding_mask(key_mask)
+    return block.self_attn(x, x, x, key_padding_mask=padding, need_weights=False)[0]
 
 
 class PreNorm(sol.EncoderBlock):
-    def forward(self, x, padding_mask=None):
-        x = x + _attend(self, self.norm1(x), padding_mask)
+    def forward(self, x, key_mask=None):
+        x = x + _attend(self, self.norm1(x), key_mask)
         return x + self.ffn(self.norm2(x))
 
 
 class NoAttentionResidual(sol.EncoderBlock):
-    def forward(self, x, padding_mask=None):
-        x = self.norm1(_attend(self, x, padding_mask))
+    def forward(self, x, key_mask=None):
+        x = self.norm1(_attend(self, x, key_mask))
         return self.norm2(x + self.ffn(x))
 
 
-class InvertedPadding(sol.EncoderBlock):
-    def forward(self, x, padding_mask=None):
-        return super().forward(x, None if padding_mask is None else ~padding_mask)
+class InvertedPadding(sol.EncoderBlock):  # True = padding, PyTorch's convention, passed as the key mask
+    def forward(self, x, key_mask=None):
+        return super().forward(x, None if key_mask is None else ~key_mask)
+
+
+class KeyMaskUnconverted(sol.EncoderBlock):  # key mask handed to PyTorch without attend_to_key_padding_mask
+    def forward(self, x, key_mask=None):
+        attended = self.self_attn(x, x, x, key_padding_mask=key_mask, need_weights=False)[0]
+        x = self.norm1(x + attended)
+        return self.norm2(x + self.ffn(x))
 
 
 class PaddingIgnored(sol.EncoderBlock):
-    def forward(self, x, padding_mask=None):
+    def forward(self, x, key_mask=None):
         return super().forward(x, None)
 
 
 class NormBeforeAdding(sol.EncoderBlock):
-    def forward(self, x, padding_mask=None):
-        x = x + self.norm1(_attend(self, x, padding_mask))
+    def forward(self, x, key_mask=None):
+        x = x + self.norm1(_attend(self, x, key_mask))
         return x + self.norm2(self.ffn(x))
 
 
 class OneNormTwice(sol.EncoderBlock):
-    def forward(self, x, padding_mask=None):
-        x = self.norm1(x + _attend(self, x, padding_mask))
+    def forward(self, x, key_mask=None):
+        x = self.norm1(x + _attend(self, x, key_mask))
         return self.norm1(x + self.ffn(x))
 
 
 class ZeroedPadding(sol.EncoderBlock):  # what the nested-tensor fast path returns; the exercise says otherwise
-    def forward(self, x, padding_mask=None):
-        out = super().forward(x, padding_mask)
-        return out if padding_mask is None else out.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+    def forward(self, x, key_mask=None):
+        out = super().forward(x, key_mask)
+        return out if key_mask is None else out.masked_fill(~key_mask.unsqueeze(-1), 0.0)
 
 
 class AttentionFromOriginalInput(sol.EncoderBlock):  # FFN residual adds the block input, not h
-    def forward(self, x, padding_mask=None):
-        h = self.norm1(x + _attend(self, x, padding_mask))
+    def forward(self, x, key_mask=None):
+        h = self.norm1(x + _attend(self, x, key_mask))
         return self.norm2(x + self.ffn(h))
 
 
@@ -278,7 +286,8 @@ class AttentionFromOriginalInput(sol.EncoderBlock):  # FFN residual adds the blo
     (PreNorm, "pre-norm"),
     (NoAttentionResidual, "without the residual"),
     (InvertedPadding, "wrong way round"),
-    (PaddingIgnored, "key_padding_mask"),
+    (KeyMaskUnconverted, "attend_to_key_padding_mask(key_mask)"),
+    (PaddingIgnored, "ignores key_mask"),
     (NormBeforeAdding, "normalise the SUM"),
     (OneNormTwice, None),
     (ZeroedPadding, None),
@@ -294,7 +303,7 @@ def test_block_with_renamed_attributes_gets_a_clear_error():
             super().__init__()
             self.attention = nn.MultiheadAttention(d_model, nhead, batch_first=True)
 
-        def forward(self, x, padding_mask=None):
+        def forward(self, x, key_mask=None):
             return x
     assert_rejects(ag.CHECKS, "EncoderBlock", Renamed, "self.self_attn")
 
@@ -302,42 +311,42 @@ def test_block_with_renamed_attributes_gets_a_clear_error():
 # --- TransformerEncoder -------------------------------------------------------------------------
 
 class NotChained(sol.TransformerEncoder):
-    def forward(self, x, padding_mask=None):
+    def forward(self, x, key_mask=None):
         out = x
         for block in self.layers:
-            out = block(x, padding_mask)
+            out = block(x, key_mask)
         return out
 
 
 class FirstBlockRepeated(sol.TransformerEncoder):
-    def forward(self, x, padding_mask=None):
+    def forward(self, x, key_mask=None):
         for _ in self.layers:
-            x = self.layers[0](x, padding_mask)
+            x = self.layers[0](x, key_mask)
         return x
 
 
 class MaskOnlyFirst(sol.TransformerEncoder):
-    def forward(self, x, padding_mask=None):
+    def forward(self, x, key_mask=None):
         for i, block in enumerate(self.layers):
-            x = block(x, padding_mask if i == 0 else None)
+            x = block(x, key_mask if i == 0 else None)
         return x
 
 
 class OuterResidual(sol.TransformerEncoder):
-    def forward(self, x, padding_mask=None):
-        return x + super().forward(x, padding_mask)
+    def forward(self, x, key_mask=None):
+        return x + super().forward(x, key_mask)
 
 
 class ReversedOrder(sol.TransformerEncoder):
-    def forward(self, x, padding_mask=None):
+    def forward(self, x, key_mask=None):
         for block in reversed(self.layers):
-            x = block(x, padding_mask)
+            x = block(x, key_mask)
         return x
 
 
 class ExtraFinalNorm(sol.TransformerEncoder):
-    def forward(self, x, padding_mask=None):
-        return F.layer_norm(super().forward(x, padding_mask), x.shape[-1:])
+    def forward(self, x, key_mask=None):
+        return F.layer_norm(super().forward(x, key_mask), x.shape[-1:])
 
 
 @pytest.mark.parametrize("wrong, hint", [
@@ -358,9 +367,9 @@ def test_stack_fails_when_the_block_is_wrong():
             super().__init__()
             self.layers = nn.ModuleList([PreNorm(d_model, nhead, d_ff) for _ in range(num_layers)])
 
-        def forward(self, x, padding_mask=None):
+        def forward(self, x, key_mask=None):
             for block in self.layers:
-                x = block(x, padding_mask)
+                x = block(x, key_mask)
             return x
     assert_rejects(ag.CHECKS, "TransformerEncoder", Stack)
 
@@ -382,3 +391,11 @@ def test_a_wrong_layer_norm_does_not_fail_the_block_or_the_stack(name, monkeypat
     assert report.passed, report.summary()
     alone = judge(check, produce(check.task, namespace[name], 0, None, given={}, namespace=namespace), 0, None)
     assert not alone.passed  # without the given layer_norm the block would fail too
+
+
+def test_key_mask_converter():
+    key_mask = torch.tensor([[True, True, False]])
+    assert torch.equal(sol.attend_to_key_padding_mask(key_mask), torch.tensor([[False, False, True]]))
+    assert sol.attend_to_key_padding_mask(None) is None
+    with pytest.raises(ValueError, match="True at real tokens"):
+        sol.attend_to_key_padding_mask(torch.ones(1, 3))

@@ -1,8 +1,9 @@
 """Tasks of chapter 03, the Transformer encoder: inputs, calls and rules (what the grading sandbox sees).
 
 Conventions (stated in the notebook too): a batch of sequences is a ``(B, T, d_model)`` tensor
-(batch first); layer norm normalises over the last axis; a padding mask has shape ``(B, T)`` and is
-True where a position is padding (PyTorch's ``src_key_padding_mask`` convention).
+(batch first); layer norm normalises over the last axis; masks are True where a query may attend, as in
+every chapter: the key mask has shape ``(B, T)`` and is True at real tokens, False at padding (the opposite
+of PyTorch's ``src_key_padding_mask``, which the notebook's ``attend_to_key_padding_mask`` converts to).
 
 The block and the stack are built from the student's class and receive the weights of an
 ``nn.TransformerEncoderLayer`` state dict, copied by name, as the notebook states:
@@ -129,18 +130,18 @@ def _layer_params(g, d, d_ff):
     return params
 
 
-def _padding(g, B, T, kind):
+def _key_mask(g, B, T, kind):
     if kind is None:
         return None
     lengths = torch.randint(1, T + 1, (B,), generator=g)
     lengths[0] = T  # one full sequence ...
     if B > 1:
         lengths[1] = max(1, T // 2)  # ... and one surely padded
-    return torch.arange(T)[None, :] >= lengths[:, None]  # True at padding
+    return torch.arange(T)[None, :] < lengths[:, None]  # True at real tokens (keys that may be attended)
 
 
 def _block_inputs(g, B, T, d, nhead, d_ff, padding=None, scale=1.0, num_layers=None):
-    inputs = {"x": randn(g, B, T, d, scale=scale), "padding_mask": _padding(g, B, T, padding),
+    inputs = {"x": randn(g, B, T, d, scale=scale), "key_mask": _key_mask(g, B, T, padding),
               "d_model": d, "nhead": nhead, "d_ff": d_ff}
     if num_layers is None:
         inputs["params"] = _layer_params(g, d, d_ff)
@@ -174,7 +175,7 @@ def _call_block(impl, inputs):
     block = impl(inputs["d_model"], inputs["nhead"], inputs["d_ff"])
     load_layer_weights(block, inputs["params"])
     block.eval()
-    return block(inputs["x"], padding_mask=inputs["padding_mask"])
+    return block(inputs["x"], key_mask=inputs["key_mask"])
 
 
 def _call_stack(impl, inputs):
@@ -186,7 +187,7 @@ def _call_stack(impl, inputs):
     for block, params in zip(layers, inputs["layers"]):
         load_layer_weights(block, params, owner="each block in TransformerEncoder.layers")
     encoder.eval()
-    return encoder(inputs["x"], padding_mask=inputs["padding_mask"])
+    return encoder(inputs["x"], key_mask=inputs["key_mask"])
 
 
 ENCODER_BLOCK = Task(
