@@ -57,6 +57,9 @@ def graded(tmp_path_factory):
         # bubblewrap is installed (make setup installs it): falling back would hide a broken sandbox.
         assert isolated, f"bubblewrap is installed but the sandbox fell back: {grader.sandbox.problem}"
     kinds = [k for k in gc.corpus(str(db), str(TARGET)) if isolated or not k.needs_isolation]
+    only = os.environ.get("GRADING_CORPUS_ONLY")  # a developer's quick run: a comma-separated subset
+    if only:
+        kinds = [k for k in kinds if k.name in only.split(",")]
     for k in kinds:
         gc.write(k, subs)
     # two students whose names differ only in characters a cleaner would replace
@@ -101,7 +104,7 @@ def test_corpus_gets_exactly_the_expected_points(graded):
             wrong.append(f"{k.name}: expected {k.expected}, got {got}; reasons: "
                          f"{[x.reasons for x in r.rows if x.reasons]}; notes: {r.notes}")
     print("\n".join(rows))
-    assert len(graded["kinds"]) >= 45
+    assert len(graded["kinds"]) >= 45 or os.environ.get("GRADING_CORPUS_ONLY")
     assert not wrong, "\n".join(wrong)
 
 

@@ -123,7 +123,8 @@ def main(job_path: str, out_fd: int, in_fd: int) -> None:
     shell.display_pub.publish = lambda *a, **k: None  # rich outputs are not kept
     import builtins
 
-    pristine = dict(vars(builtins))  # a student's patched builtins must not break the engine's own code
+    builtin_names = vars(builtins)
+    pristine = dict(builtin_names)  # a student's patched builtins must not break the engine's own code
     mark("ready")
 
     checkpoints = {int(k): v for k, v in job["checkpoints"].items()}
@@ -136,8 +137,7 @@ def main(job_path: str, out_fd: int, in_fd: int) -> None:
             pass
         for exercise in checkpoints.get(index, []):
             name = exercise["exercise"]
-            vars(builtins).clear()
-            vars(builtins).update(pristine)
+            builtin_names.update(pristine)  # restore what was replaced (names a student added stay)
             mark(f"produce {name}")
             record, blobs = {}, []
             for item in exercise["checks"]:
