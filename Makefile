@@ -63,7 +63,7 @@ assignment: $(STAMP)
 	$(PY) -m autograders.engine.assignment $(CHAPTER)
 
 test: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --nbval-lax
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -p no:nbval tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" -p no:nbval tests
