@@ -88,7 +88,8 @@ class WordTokenizer:
         return [self.ids.get(w, 1) for w in text.lower().split()]
 
     def __call__(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(ids, padding_mask)``, both ``(len(texts), max_len)``; the mask is True at padding."""
+        """``(ids, key_mask)``, both ``(len(texts), max_len)``; the key mask is True at real tokens and
+        False at padding (the course's convention, True = may attend)."""
         if isinstance(texts, str):
             raise TypeError("pass a list of texts, not a single string")
         rows = [self.encode(t) for t in texts]
@@ -98,7 +99,7 @@ class WordTokenizer:
         ids = torch.zeros(len(rows), self.max_len, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
-        return ids, ids == 0
+        return ids, ids != 0
 
     def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)

@@ -11,8 +11,11 @@ same thing and import it from here instead of writing it again. The design is ch
   **pre-norm** (``norm_first=True``, ViT, CLIP, GPT-2): ``x = x + attn(norm1(x)); x = x + ffn(norm2(x))``,
   and a pre-norm stack ends with one more layer norm (``norm``), since its residual stream is never
   normalised otherwise;
-* batch first: a batch of sequences is ``(B, T, d_model)``; a padding mask is ``(B, T)`` and True at
-  padding (PyTorch's ``src_key_padding_mask``).
+* batch first: a batch of sequences is ``(B, T, d_model)``;
+* masks follow the course's one convention, True = **may attend**: a key mask ``(B, T)`` is True at
+  real tokens and False at padding, an attention mask ``(T, T)`` is True where query ``i`` may attend
+  key ``j``. PyTorch's ``nn.MultiheadAttention`` uses the opposite (True = blocked); the conversion
+  happens in one place, :func:`to_pytorch_mask`.
 
 The attribute names are those of ``nn.TransformerEncoderLayer`` (``ffn.linear1`` is its ``linear1``),
 so :func:`torch_encoder` builds the equivalent PyTorch stack with the same weights; the tests compare
@@ -78,13 +81,23 @@ class FeedForward(nn.Module):
         return self.linear2(self.dropout(ACTIVATIONS[self.activation](self.linear1(x))))
 
 
-def _check_input(x: torch.Tensor, d_model: int, padding_mask: torch.Tensor | None, who: str) -> None:
+def to_pytorch_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The course's mask (True = may attend) as PyTorch's ``key_padding_mask`` / ``attn_mask``
+    (True = may NOT attend). None stays None."""
+    return None if mask is None else ~mask
+
+
+def _check_input(x: torch.Tensor, d_model: int, key_mask: torch.Tensor | None, attn_mask: torch.Tensor | None,
+                 who: str) -> None:
     if x.dim() != 3 or x.shape[-1] != d_model:
         raise ValueError(f"{who} expects (B, T, d_model={d_model}) inputs, got shape {tuple(x.shape)}")
-    if padding_mask is not None:
-        if padding_mask.shape != x.shape[:2] or padding_mask.dtype != torch.bool:
-            raise ValueError(f"padding_mask must be a bool tensor of shape (B, T) = {tuple(x.shape[:2])} "
-                             f"(True at padding), got {padding_mask.dtype} {tuple(padding_mask.shape)}")
+    B, T = x.shape[:2]
+    if key_mask is not None and (key_mask.shape != (B, T) or key_mask.dtype != torch.bool):
+        raise ValueError(f"key_mask must be a bool tensor of shape (B, T) = {(B, T)} (True at real tokens), "
+                         f"got {key_mask.dtype} {tuple(key_mask.shape)}")
+    if attn_mask is not None and (attn_mask.shape != (T, T) or attn_mask.dtype != torch.bool):
+        raise ValueError(f"attn_mask must be a bool tensor of shape (T, T) = {(T, T)} (True = may attend), "
+                         f"got {attn_mask.dtype} {tuple(attn_mask.shape)}")
 
 
 class EncoderBlock(nn.Module):
@@ -101,23 +114,25 @@ class EncoderBlock(nn.Module):
         self.dropout1 = nn.Dropout(config.dropout)
         self.dropout2 = nn.Dropout(config.dropout)
 
-    def _attend(self, h, padding_mask, attn_mask, return_attention):
+    def _attend(self, h, key_mask, attn_mask, return_attention):
         # h: (B, T, d) -> (B, T, d); weights: (B, n_heads, T, T), each row sums to 1 over the keys
-        out, weights = self.self_attn(h, h, h, key_padding_mask=padding_mask, attn_mask=attn_mask,
-                                      need_weights=return_attention, average_attn_weights=False)
+        out, weights = self.self_attn(h, h, h, key_padding_mask=to_pytorch_mask(key_mask),
+                                      attn_mask=to_pytorch_mask(attn_mask), need_weights=return_attention,
+                                      average_attn_weights=False)
         return self.dropout1(out), weights
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None, return_attention: bool = False):
         """``x``: (B, T, d_model) -> (B, T, d_model); with ``return_attention`` also the attention
-        weights (B, n_heads, T, T). ``attn_mask``: (T, T), True where a query may NOT attend."""
-        _check_input(x, self.config.d_model, padding_mask, "EncoderBlock")
+        weights (B, n_heads, T, T). ``key_mask``: (B, T), True at real tokens; ``attn_mask``: (T, T),
+        True where query i may attend key j (e.g. a causal mask)."""
+        _check_input(x, self.config.d_model, key_mask, attn_mask, "EncoderBlock")
         if self.config.norm_first:
-            attended, weights = self._attend(self.norm1(x), padding_mask, attn_mask, return_attention)
+            attended, weights = self._attend(self.norm1(x), key_mask, attn_mask, return_attention)
             x = x + attended                                           # (B, T, d)
             x = x + self.dropout2(self.ffn(self.norm2(x)))             # (B, T, d)
         else:
-            attended, weights = self._attend(x, padding_mask, attn_mask, return_attention)
+            attended, weights = self._attend(x, key_mask, attn_mask, return_attention)
             x = self.norm1(x + attended)                               # (B, T, d)
             x = self.norm2(x + self.dropout2(self.ffn(x)))             # (B, T, d)
         return (x, weights) if return_attention else x
@@ -133,17 +148,18 @@ class TransformerEncoder(nn.Module):
         self.layers = nn.ModuleList([EncoderBlock(config) for _ in range(config.n_layers)])
         self.norm = nn.LayerNorm(config.d_model, eps=config.eps) if config.has_final_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None, return_attention: bool = False):
-        """With ``return_attention`` also a list of every block's weights, each (B, n_heads, T, T)."""
-        _check_input(x, self.config.d_model, padding_mask, "TransformerEncoder")
+        """Masks as in :meth:`EncoderBlock.forward`; with ``return_attention`` also a list of every
+        block's weights, each (B, n_heads, T, T)."""
+        _check_input(x, self.config.d_model, key_mask, attn_mask, "TransformerEncoder")
         maps = []
         for block in self.layers:
             if return_attention:
-                x, weights = block(x, padding_mask, attn_mask, return_attention=True)
+                x, weights = block(x, key_mask, attn_mask, return_attention=True)
                 maps.append(weights)
             else:
-                x = block(x, padding_mask, attn_mask)
+                x = block(x, key_mask, attn_mask)
         x = self.norm(x)
         return (x, maps) if return_attention else x
 
@@ -157,7 +173,8 @@ def torch_encoder(config: EncoderConfig) -> nn.TransformerEncoder:
     """PyTorch's own encoder for the same config (fresh weights; load :func:`torch_state_dict` into it).
 
     Built with ``enable_nested_tensor=False``: the nested-tensor fast path would write zeros at padding
-    positions, which this encoder computes like any other position."""
+    positions, which this encoder computes like any other position. Its masks are PyTorch's (True =
+    blocked): pass ``to_pytorch_mask(key_mask)`` as ``src_key_padding_mask``."""
     layer = nn.TransformerEncoderLayer(config.d_model, config.n_heads, config.d_ff, dropout=config.dropout,
                                        activation=config.activation, layer_norm_eps=config.eps,
                                        batch_first=True, norm_first=config.norm_first)

@@ -33,12 +33,12 @@ def test_class_prompts_layout():
 
 def test_tokenizer_round_trip_padding_and_unknown_words():
     tok = WordTokenizer(train_vocabulary(), max_len=8)
-    ids, padding = tok(["a handwritten seven", "a scan of the digit two"])
-    assert ids.shape == padding.shape == (2, 8) and ids.dtype == torch.long and padding.dtype == torch.bool
-    assert padding.tolist()[0] == [False] * 3 + [True] * 5
+    ids, key_mask = tok(["a handwritten seven", "a scan of the digit two"])
+    assert ids.shape == key_mask.shape == (2, 8) and ids.dtype == torch.long and key_mask.dtype == torch.bool
+    assert key_mask.tolist()[0] == [True] * 3 + [False] * 5  # True at real tokens
     assert tok.decode(ids[0]) == "a handwritten seven"
     assert tok.decode(ids[1]) == "a [UNK] of the digit two"
-    assert (ids[padding] == 0).all() and (ids[~padding] != 0).all()
+    assert (ids[~key_mask] == 0).all() and (ids[key_mask] != 0).all()
     assert tok.vocab_size == len({w for c in train_vocabulary() for w in c.split()}) + 2
 
 
