@@ -28,8 +28,8 @@ __all__ = ["Judge", "JudgeNet", "frechet_distance", "gaussian_fit", "get_judge"]
 
 
 class JudgeNet(nn.Module):
-    """Three 3x3 convolutions with batch norm, a 2x2 max-pool, a 2x2 average pool and a 128-wide
-    feature layer (160k parameters). ``features(x)`` is the penultimate layer (after its ReLU): the
+    """Three 3x3 convolutions with batch norm (32, 32, 64 channels), a 2x2 max-pool, a 2x2 average pool
+    and a 128-wide feature layer (63k parameters). ``features(x)`` is the penultimate layer (after its ReLU): the
     space FID is computed in. Inputs are ``(N, 1, H, W)`` with pixels in [0, 1], H and W >= 8."""
 
     feature_dim = 128
@@ -38,9 +38,9 @@ class JudgeNet(nn.Module):
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
-            nn.Flatten(), nn.Linear(128 * 2 * 2, self.feature_dim), nn.ReLU())
+            nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 2 * 2, self.feature_dim), nn.ReLU())
         self.head = nn.Linear(self.feature_dim, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,7 +146,7 @@ class Judge:
 _CACHE: dict[tuple, Judge] = {}
 
 
-def train_judge(size: int = 8, value_range: tuple[float, float] = (-1.0, 1.0), epochs: int = 10,
+def train_judge(size: int = 8, value_range: tuple[float, float] = (-1.0, 1.0), epochs: int = 8,
                 seed: int = 0, verbose: bool = False) -> Judge:
     """Train a judge on the training split (AdamW, one-cycle learning rate, batches of 64) and measure
     it on the test split. Deterministic for a given seed, torch version and thread count."""
