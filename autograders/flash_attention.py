@@ -260,7 +260,7 @@ CAUSAL = Check(
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. the autograd Function: backward recomputes the tiles from the logsumexp
+# 4. the autograd Function (no mask): backward recomputes the tiles from the logsumexp
 
 
 def _grad_ref(inputs):
@@ -285,16 +285,83 @@ FUNCTION = Check(
         Mistake("no lse", _flash_function("no lse"),
                 "the gradients match P recomputed as a softmax within each tile: recompute "
                 "P_ij = exp(S_ij - lse_i) with the logsumexp of the whole row saved by forward."),
-        Mistake("no mask in backward", _flash_function("no mask in backward"),
-                "the causal gradients match a backward pass without the mask: when recomputing P in "
-                "backward, mask keys j > i with -inf as in forward."),
     ),
-    given={"tiled_attention": _given_tiled, "causal_tiled_attention": _given_causal_tiled},
+    given={"tiled_attention": _given_tiled},
 )
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. HBM accesses of standard and flash attention (Dao et al. 2022, Algorithms 0 and 1)
+# 5. the causal backward: masks the diagonal tiles, skips the fully masked ones
+
+
+def _causal_backward(q, k, v, out, lse, grad_out, block_size, bug=None):
+    """The causal backward, tile by tile (so that it passes the watch), with an optional classic mistake."""
+    N, B = q.shape[-2], block_size
+    scale = 1 / math.sqrt(q.shape[-1])
+    D = (grad_out * out).sum(-1)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for j in range(0, N, B):
+        cols = slice(j, j + B)
+        k_j, v_j = k[..., cols, :], v[..., cols, :]
+        last_key = min(j + B, N) - 1
+        for i in range((j // B) * B, N, B):
+            if bug == "skips the diagonal" and last_key > i:
+                continue
+            rows = slice(i, i + B)
+            s = q[..., rows, :] @ k_j.transpose(-2, -1) * scale
+            if bug != "no mask":
+                query = torch.arange(i, min(i + B, N))[:, None]
+                key = torch.arange(j, last_key + 1)[None, :]
+                s = s.masked_fill(key >= query if bug == "strict" else key > query, NEG_INF)
+            p = torch.exp(s - lse[..., rows, None])
+            do_i = grad_out[..., rows, :]
+            dv[..., cols, :] += p.transpose(-2, -1) @ do_i
+            dp = do_i @ v_j.transpose(-2, -1)
+            ds = p * dp if bug == "no D" else p * (dp - D[..., rows, None])
+            dq[..., rows, :] += ds @ k_j * scale
+            dk[..., cols, :] += ds.transpose(-2, -1) @ q[..., rows, :] * scale
+    return dq, dk, dv
+
+
+def _causal_backward_mistake(bug):
+    def wrong(q, k, v, out, lse, grad_out, block_size=256):
+        return _causal_backward(q, k, v, out, lse, grad_out, block_size, bug)
+    return wrong
+
+
+# The call of this exercise takes out and lse from ``causal_tiled_attention`` in the namespace of the
+# implementation it checks: for the student, the notebook's (the given version while checked); for the
+# mistakes below, this module's.
+causal_tiled_attention = _given_causal_tiled
+
+
+def _causal_grad_ref(inputs):
+    return _grad_ref(inputs)[1:]
+
+
+CAUSAL_BACKWARD = Check(
+    H.CAUSAL_BACKWARD,
+    reference=_causal_grad_ref,
+    tolerance=GRAD_TOL,
+    mistakes=(
+        Mistake("no mask", _causal_backward_mistake("no mask"),
+                "the gradients match a backward pass that skips the masked tiles but does not mask inside the "
+                "tiles on the diagonal: there, set the recomputed scores of keys j > i to -inf before exp()."),
+        Mistake("strict mask", _causal_backward_mistake("strict"),
+                "a query may attend to itself: mask the keys j > i, not j >= i."),
+        Mistake("skips the diagonal", _causal_backward_mistake("skips the diagonal"),
+                "the gradients match skipping the tiles on the diagonal too: they are only partly masked; "
+                "skip only the tiles whose keys all come after their last query."),
+        Mistake("no D", _causal_backward_mistake("no D"),
+                "dq and dk match dS = P * dP: subtract each row's D_i = rowsum(dO * O): "
+                "dS = P * (dP - D[:, None])."),
+    ),
+    given={"causal_tiled_attention": _given_causal_tiled},
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. HBM accesses of standard and flash attention (Dao et al. 2022, Algorithms 0 and 1)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -343,5 +410,5 @@ HBM = Check(
 )
 
 
-CHECKS = CheckSet(CHAPTER, [UPDATE, TILED, CAUSAL, FUNCTION, HBM])
+CHECKS = CheckSet(CHAPTER, [UPDATE, TILED, CAUSAL, FUNCTION, CAUSAL_BACKWARD, HBM])
 check = CHECKS.check

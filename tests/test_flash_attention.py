@@ -15,6 +15,9 @@ from notebook_code import load_solutions, not_implemented
 
 sol = load_solutions(ag.CHAPTER)
 NEG_INF = float("-inf")
+# causal_flash_backward is checked with out and lse from `causal_tiled_attention` as the implementation's
+# namespace finds it: the wrong implementations below live in this module, so it is here too.
+causal_tiled_attention = sol.causal_tiled_attention
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -28,7 +31,7 @@ def one_thread():
 
 def test_every_exercise_has_a_check():
     assert set(ag.CHECKS.checks) == {"online_softmax_update", "tiled_attention", "causal_tiled_attention",
-                                     "FlashAttention", "hbm_accesses"}
+                                     "FlashAttention", "causal_flash_backward", "hbm_accesses"}
 
 
 @pytest.mark.parametrize("name", list(ag.CHECKS.checks))
@@ -37,7 +40,7 @@ def test_solution_passes(name):
 
 
 @pytest.mark.parametrize("name", ["online_softmax_update", "tiled_attention", "causal_tiled_attention",
-                                  "hbm_accesses"])
+                                  "causal_flash_backward", "hbm_accesses"])
 def test_stub_fails(name):
     text = assert_rejects(ag.CHECKS, name, not_implemented)
     assert "not implemented yet" in text
@@ -330,7 +333,6 @@ class ForwardOnly(torch.autograd.Function):
     (ag._flash_function("no D"), "rowsum(dO * O)"),
     (ag._flash_function("unscaled grads"), "1/sqrt(d)"),
     (ag._flash_function("no lse"), "exp(S_ij - lse_i)"),
-    (ag._flash_function("no mask in backward"), "without the mask"),
     (ForwardOnly, None),
 ])
 def test_function_rejects(wrong, hint):
@@ -361,6 +363,89 @@ def test_solution_saves_nothing_quadratic(causal):
     expected = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=causal), (q, k, v), grad_out)
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
+
+
+def test_function_is_checked_without_a_mask():
+    """Exercise 4 is the Function without a mask; the causal backward is Exercise 5."""
+    for case in ag.CHECKS["FlashAttention"].cases:
+        assert case.make_inputs(torch.Generator().manual_seed(0))["causal"] is False, case.name
+    assert ag.CHECKS["FlashAttention"].task.uses == ("tiled_attention",)
+
+
+# --- causal_flash_backward ----------------------------------------------------------------------
+
+def causal_backward_all_tiles(q, k, v, out, lse, grad_out, block_size=256):
+    """Right numbers, but the tiles above the diagonal are computed (and masked) instead of skipped."""
+    N, B = q.shape[-2], block_size
+    scale = 1 / math.sqrt(q.shape[-1])
+    D = (grad_out * out).sum(-1)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for j in range(0, N, B):
+        cols = slice(j, j + B)
+        for i in range(0, N, B):
+            rows = slice(i, i + B)
+            s = q[..., rows, :] @ k[..., cols, :].transpose(-2, -1) * scale
+            key = torch.arange(j, min(j + B, N))[None, :]
+            query = torch.arange(i, min(i + B, N))[:, None]
+            p = torch.exp(s.masked_fill(key > query, NEG_INF) - lse[..., rows, None])
+            do_i = grad_out[..., rows, :]
+            dv[..., cols, :] += p.transpose(-2, -1) @ do_i
+            ds = p * (do_i @ v[..., cols, :].transpose(-2, -1) - D[..., rows, None])
+            dq[..., rows, :] += ds @ k[..., cols, :] * scale
+            dk[..., cols, :] += ds.transpose(-2, -1) @ q[..., rows, :] * scale
+    return dq, dk, dv
+
+
+def causal_backward_whole_matrix(q, k, v, out, lse, grad_out, block_size=256):
+    p = probabilities(q, k, causal=True)
+    return backward_from(q, k, v, p, grad_out)[:3]
+
+
+def causal_backward_autograd(q, k, v, out, lse, grad_out, block_size=256):
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    with torch.enable_grad():
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return torch.autograd.grad(o, (q, k, v), grad_out)
+
+
+def causal_backward_unscaled(q, k, v, out, lse, grad_out, block_size=256):
+    dq, dk, dv = sol.causal_flash_backward(q, k, v, out, lse, grad_out, block_size)
+    return dq * math.sqrt(q.shape[-1]), dk * math.sqrt(q.shape[-1]), dv
+
+
+def causal_backward_two_results(q, k, v, out, lse, grad_out, block_size=256):
+    return sol.causal_flash_backward(q, k, v, out, lse, grad_out, block_size)[:2]
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (ag._causal_backward_mistake("no mask"), "does not mask inside the tiles on the diagonal"),
+    (ag._causal_backward_mistake("strict"), "not j >= i"),
+    (ag._causal_backward_mistake("skips the diagonal"), "skipping the tiles on the diagonal"),
+    (ag._causal_backward_mistake("no D"), "rowsum(dO * O)"),
+    (causal_backward_all_tiles, "Skip the tiles whose keys all come after"),
+    (causal_backward_whole_matrix, "created a tensor of shape"),
+    (causal_backward_autograd, "fused attention"),
+    (causal_backward_unscaled, None),
+    (causal_backward_two_results, "(dq, dk, dv)"),
+])
+def test_causal_backward_rejects(wrong, hint):
+    assert_rejects(ag.CHECKS, "causal_flash_backward", wrong, hint)
+
+
+def test_causal_backward_flop_bound_separates_skipping():
+    """The visible cases leave room between the tiles that must be computed and all tiles."""
+    for case in ag.CAUSAL_BACKWARD.select(hidden=False):
+        inputs = case.make_inputs(torch.Generator().manual_seed(0))
+        q, k, v, block = inputs["q"], inputs["k"], inputs["v"], inputs["block_size"]
+        needed = ag.H._causal_backward_flops(q, v, block)
+        everything = 2 * ag._batch(q) * q.shape[-2] * k.shape[-2] * (3 * q.shape[-1] + 2 * v.shape[-1])
+        assert everything >= 1.4 * needed, case.name  # the rule allows 1.25
+
+
+def test_causal_backward_needs_square_inputs():
+    q, k = torch.randn(4, 8), torch.randn(5, 8)
+    with pytest.raises(ValueError, match="as many keys as queries"):
+        sol.causal_flash_backward(q, k, k, q, torch.zeros(4), q, 2)
 
 
 # --- hbm_accesses -------------------------------------------------------------------------------
@@ -419,10 +504,16 @@ def tiled_unnormalised(q, k, v, block_q=512, block_k=256):
     return out * 2.0, lse
 
 
+def causal_tiled_wrong_lse(q, k, v, block_q=512, block_k=256):
+    out, lse = sol.causal_tiled_attention(q, k, v, block_q, block_k)
+    return out, lse + 1.0
+
+
 @pytest.mark.parametrize("name, wrong", [
     ("tiled_attention", {"online_softmax_update": update_acc_not_rescaled}),
-    ("FlashAttention", {"tiled_attention": tiled_unnormalised, "causal_tiled_attention": tiled_unnormalised}),
-], ids=["tiled", "FlashAttention"])
+    ("FlashAttention", {"tiled_attention": tiled_unnormalised}),
+    ("causal_flash_backward", {"causal_tiled_attention": causal_tiled_wrong_lse}),
+], ids=["tiled", "FlashAttention", "causal_flash_backward"])
 def test_a_wrong_earlier_exercise_does_not_fail_a_later_one(name, wrong, monkeypatch):
     _passes_only_with_the_given_versions(name, wrong, monkeypatch)
 

@@ -10,10 +10,13 @@ A correct number computed the naive way is not the exercise, so the calls watch 
 computed (these rules run where the student's code runs, in the sandbox):
 
 * every tensor the implementation creates (forward and backward) is seen through a
-  ``TorchDispatchMode``; one larger than twice the inputs, outputs or a ``(block_q, block_k)`` tile
-  means the ``N_q x N_k`` matrix (or a block row of it) was materialised;
-* the causal variant's matrix-multiply FLOPs (counted at the dispatcher) must stay near those of
-  the blocks that are not fully masked, so fully masked blocks must be skipped, not masked;
+  ``TorchDispatchMode``; one larger than twice the largest of the inputs, the output and one
+  ``(block_q, block_k)`` tile per batch (in float32 bytes: ``2 * 4 * max(|q|, |k|, |v|, n N_q d_v,
+  n block_q block_k)``, n the number of sequences) means the ``N_q x N_k`` matrix (or a block row of
+  it) was materialised;
+* the causal forward's and the causal backward's matrix-multiply FLOPs (counted at the dispatcher)
+  must stay near those of the blocks that are not fully masked, so fully masked blocks must be
+  skipped, not masked;
 * the tensors the autograd Function saves for backward (``saved_tensors_hooks`` and the ``ctx``
   attributes) must not include anything of the size of the attention matrix;
 * PyTorch's fused attention kernels must not be called.
@@ -28,7 +31,7 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from autograders.engine.core import Case, Task, TaskSet, randn
+from autograders.engine.core import Case, Task, TaskSet, default_namespace, randn
 
 CHAPTER = "06_flash_attention"
 
@@ -259,7 +262,7 @@ CAUSAL = Task(
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. the autograd Function: backward recomputes the tiles from the logsumexp
+# 4. the autograd Function (no mask): backward recomputes the tiles from the logsumexp
 
 def _grad_inputs(g, N_q, N_k, d, d_v=None, prefix=(), block=16, causal=False, scale=1.0):
     inputs = _qkv(g, N_q, N_k, d, d_v, prefix, scale=scale)
@@ -285,7 +288,7 @@ def _function_call(impl, inputs):
     watch = _Watch()
     with torch.enable_grad(), watch:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = impl.apply(q, k, v, inputs["causal"], block)
+            out = impl.apply(q, k, v, False, block)
         if not isinstance(out, torch.Tensor) or out.grad_fn is None:
             raise TypeError("FlashAttention.apply must return the attention output as one tensor that "
                             "autograd can differentiate")
@@ -304,25 +307,80 @@ def _function_call(impl, inputs):
 FUNCTION = Task(
     "FlashAttention",
     cases=(
-        Case("N=64, d=8, tiles of 16, not causal", lambda g: _grad_inputs(g, 64, 64, 8)),
-        Case("batch 2, N=80, d=8, tiles of 32 (ragged), causal",
-             lambda g: _grad_inputs(g, 80, 80, 8, prefix=(2,), block=32, causal=True)),
-        Case("N_q=48, N_k=80, d=8, d_v=4, not causal", lambda g: _grad_inputs(g, 48, 80, 8, 4), hidden=True),
-        Case("batch (2, 2), N=64, d=4, causal, large inputs",
-             lambda g: _grad_inputs(g, 64, 64, 4, prefix=(2, 2), causal=True, scale=3.0), hidden=True),
-        Case("tiles larger than the sequence, causal", lambda g: _grad_inputs(g, 10, 10, 8, block=32, causal=True),
-             hidden=True),
-        Case("tiles of 8, N=60, causal, d_v=12", lambda g: _grad_inputs(g, 60, 60, 8, 12, block=8, causal=True),
-             hidden=True),
+        Case("N=64, d=8, tiles of 16", lambda g: _grad_inputs(g, 64, 64, 8)),
+        Case("batch 2, N=80, d=8, tiles of 32 (ragged)", lambda g: _grad_inputs(g, 80, 80, 8, prefix=(2,), block=32)),
+        Case("N_q=48, N_k=80, d=8, d_v=4", lambda g: _grad_inputs(g, 48, 80, 8, 4), hidden=True),
+        Case("batch (2, 2), N=64, d=4, large inputs",
+             lambda g: _grad_inputs(g, 64, 64, 4, prefix=(2, 2), scale=3.0), hidden=True),
+        Case("tiles larger than the sequence", lambda g: _grad_inputs(g, 10, 10, 8, block=32), hidden=True),
+        Case("tiles of 8, N=60, d_v=12", lambda g: _grad_inputs(g, 60, 60, 8, 12, block=8), hidden=True),
     ),
     call=_function_call,
     output_names=("out", "dq", "dk", "dv"),
-    uses=("tiled_attention", "causal_tiled_attention"),
+    uses=("tiled_attention",),
 )
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. HBM accesses of standard and flash attention (Dao et al. 2022, Algorithms 0 and 1)
+# 5. the causal backward: masks the diagonal tiles and skips the fully masked ones
+
+def _causal_backward_flops(q, v, block) -> int:
+    """FLOPs of S, dV, dP, dQ and dK over the (block, block) tiles that are not fully masked."""
+    B, N, d, d_v = _batch(q), q.shape[-2], q.shape[-1], v.shape[-1]
+    total = 0
+    for i in range(0, N, block):
+        rows = min(i + block, N) - i
+        for j in range(0, i + rows, block):
+            total += 2 * B * rows * (min(j + block, N) - j) * (3 * d + 2 * d_v)
+    return total
+
+
+def _causal_backward_call(impl, inputs):
+    forward = (default_namespace(impl) or {}).get("causal_tiled_attention")
+    if forward is None:
+        raise NameError("causal_flash_backward is checked with out and lse from the notebook's "
+                        "causal_tiled_attention (Exercise 3), which is not defined")
+    q, k, v, grad_out, block = (inputs[n] for n in ("q", "k", "v", "grad_out", "block_size"))
+    out, lse = forward(q, k, v, block, block)
+    watch = _Watch()
+    with watch:
+        grads = impl(q, k, v, out, lse, grad_out, block)
+    _verdict(watch, _limit_bytes(q, k, v, block, block), "causal_flash_backward", block, block,
+             q.shape[-2], k.shape[-2])
+    needed = _causal_backward_flops(q, v, block)
+    everything = 2 * _batch(q) * q.shape[-2] * k.shape[-2] * (3 * q.shape[-1] + 2 * v.shape[-1])
+    if watch.flops > 1.25 * needed and everything > 1.25 * needed:
+        raise TilingError(
+            f"causal_flash_backward did {watch.flops} matrix-multiply FLOPs; the ({block}, {block}) tiles that "
+            f"are not entirely masked need {needed} (all tiles: {everything}). Skip the tiles whose keys all "
+            f"come after the tile's last query, as in causal_tiled_attention")
+    if not isinstance(grads, (tuple, list)) or len(grads) != 3:
+        raise TypeError("causal_flash_backward must return the tuple (dq, dk, dv)")
+    return tuple(grads)
+
+
+CAUSAL_BACKWARD = Task(
+    "causal_flash_backward",
+    cases=(
+        Case("batch 2, N=80, d=8, tiles of 32 (ragged)",
+             lambda g: _grad_inputs(g, 80, 80, 8, prefix=(2,), block=32, causal=True)),
+        Case("N=64, d=8, tiles of 16", lambda g: _grad_inputs(g, 64, 64, 8, causal=True)),
+        Case("batch (2, 2), N=64, d=4, large inputs",
+             lambda g: _grad_inputs(g, 64, 64, 4, prefix=(2, 2), causal=True, scale=3.0), hidden=True),
+        Case("tiles larger than the sequence", lambda g: _grad_inputs(g, 10, 10, 8, block=32, causal=True),
+             hidden=True),
+        Case("tiles of 8, N=60, d_v=12", lambda g: _grad_inputs(g, 60, 60, 8, 12, block=8, causal=True),
+             hidden=True),
+        Case("a single position", lambda g: _grad_inputs(g, 1, 1, 8, causal=True), hidden=True),
+    ),
+    call=_causal_backward_call,
+    output_names=("dq", "dk", "dv"),
+    uses=("causal_tiled_attention",),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. HBM accesses of standard and flash attention (Dao et al. 2022, Algorithms 0 and 1)
 
 HBM = Task(
     "hbm_accesses",
@@ -340,4 +398,4 @@ HBM = Task(
 )
 
 
-TASKS = TaskSet(CHAPTER, [UPDATE, TILED, CAUSAL, FUNCTION, HBM])
+TASKS = TaskSet(CHAPTER, [UPDATE, TILED, CAUSAL, FUNCTION, CAUSAL_BACKWARD, HBM])
