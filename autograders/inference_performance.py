@@ -6,6 +6,9 @@ seconds; a matmul is (M, K) @ (K, N); bytes count every operand read and the res
 
 from __future__ import annotations
 
+import math
+from functools import partial
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -190,7 +193,109 @@ DECODE = Check(
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. how many chips hold a model
+# 5. predicted: the batch at which decode turns compute-bound
+
+
+def _ridge_batch_ref(inputs):
+    P, b, c = inputs["n_params"], inputs["bytes_per_param"], inputs["kv_bytes_per_sequence"]
+    ridge = inputs["peak_flops"] / inputs["bandwidth"]
+    # 2PB / (Pb + Bc) >= ridge  <=>  B (2P - ridge c) >= ridge P b
+    gain = 2 * P - ridge * c
+    if gain <= 0:
+        return math.inf  # the caches grow as fast as the FLOPs: no batch reaches the ridge point
+    return max(1, math.ceil(ridge * P * b / gain))
+
+
+def _ridge_generic(n_params, bytes_per_param, kv_bytes_per_sequence, peak_flops, bandwidth, *,
+                   rounding=math.ceil, cache=True, ridge=None, never=math.inf):
+    r = peak_flops / bandwidth if ridge is None else ridge(peak_flops, bandwidth)
+    c = kv_bytes_per_sequence if cache else 0
+    gain = 2 * n_params - r * c
+    if gain <= 0:
+        return never
+    return max(1, rounding(r * n_params * bytes_per_param / gain))
+
+
+RIDGE_BATCH = Check(
+    H.RIDGE_BATCH,
+    reference=_ridge_batch_ref,
+    tolerance=EXACT,
+    mistakes=(
+        Mistake("not rounded", partial(_ridge_generic, rounding=lambda x: x),
+                "your batch is the real number where the intensity equals the ridge point: batch sizes are "
+                "integers -- return the smallest integer batch that reaches it (round UP)."),
+        Mistake("rounded down", partial(_ridge_generic, rounding=math.floor),
+                "you rounded down: that batch is still (just) below the ridge point -- round UP."),
+        Mistake("cache ignored", partial(_ridge_generic, cache=False),
+                "your batch ignores the KV caches: every sequence adds its cache bytes to each step, "
+                "2PB / (Pb + Bc) -- the formula of decode_intensity."),
+        Mistake("ridge inverted", partial(_ridge_generic, ridge=lambda peak, bw: bw / peak),
+                "the ridge point is peak_flops / bandwidth (FLOPs per byte), not bandwidth / peak_flops."),
+        Mistake("never is 0", partial(_ridge_generic, never=0),
+                "when no batch reaches the ridge point (2P <= ridge * c), return math.inf, not 0."),
+    ),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. measured: where measured decode-step times turn from flat to growing
+
+
+def _knee_generic(batches, step_times, *, sort=True, slope_from="two largest", through_origin=False,
+                  swap=False, never=math.inf):
+    B, t = batches, step_times
+    if sort:
+        order = B.argsort()
+        B, t = B[order], t[order]
+    flat = t[0].item()
+    a = 0 if slope_from == "smallest and largest" else -2
+    per_sequence = ((t[-1] - t[a]) / (B[-1] - B[a])).item()
+    if per_sequence <= 0:
+        knee = never
+    elif through_origin:
+        knee = flat / per_sequence
+    else:
+        knee = B[-1].item() - (t[-1].item() - flat) / per_sequence
+    return (per_sequence, flat, knee) if swap else (flat, per_sequence, knee)
+
+
+def _knee_ref(inputs):
+    return _knee_generic(inputs["batches"], inputs["step_times"])
+
+
+def _knee_negative(batches, step_times):
+    order = batches.argsort()
+    B, t = batches[order], step_times[order]
+    per_sequence = ((t[-1] - t[-2]) / (B[-1] - B[-2])).item()
+    return t[0].item(), per_sequence, B[-1].item() - (t[-1].item() - t[0].item()) / per_sequence
+
+
+KNEE = Check(
+    H.KNEE,
+    reference=_knee_ref,
+    tolerance=Tolerance(1e-12, 1e-9, "float64 arithmetic on a few measured times; another order of the same "
+                                     "operations rounds by ~1e-15 relative"),
+    mistakes=(
+        Mistake("not sorted", partial(_knee_generic, sort=False),
+                "your result uses the first and last entries as given: sort by batch size first (the smallest "
+                "batch gives the flat level, the two LARGEST batches the slope)."),
+        Mistake("slope from the smallest and the largest batch",
+                partial(_knee_generic, slope_from="smallest and largest"),
+                "your slope runs from the smallest to the largest batch, across the flat part: take the line "
+                "through the two largest batches, where the time grows with the batch."),
+        Mistake("knee through the origin", partial(_knee_generic, through_origin=True),
+                "your knee is flat_s / per_sequence_s, as if the line went through the origin: take the batch "
+                "at which the line through the two largest batches comes down to the flat level."),
+        Mistake("results swapped", partial(_knee_generic, swap=True),
+                "return (flat_s, per_sequence_s, knee) in this order."),
+        Mistake("negative knee", _knee_negative,
+                "when the slope is not positive the time does not grow with the batch: the knee is math.inf."),
+    ),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. how many chips hold a model
 
 def _chips_ref(inputs):
     total = inputs["n_params"] * inputs["bytes_per_param"] + inputs["kv_cache_bytes"]
@@ -222,5 +327,5 @@ CHIPS = Check(
 )
 
 
-CHECKS = CheckSet(CHAPTER, [TTFT_TPOT, MATMUL, ROOFLINE, DECODE, CHIPS])
+CHECKS = CheckSet(CHAPTER, [TTFT_TPOT, MATMUL, ROOFLINE, DECODE, RIDGE_BATCH, KNEE, CHIPS])
 check = CHECKS.check

@@ -16,7 +16,7 @@ sol = load_solutions(ag.CHAPTER)
 
 def test_every_exercise_has_a_check():
     assert set(ag.CHECKS.checks) == {"ttft_tpot", "matmul_intensity", "roofline_time", "decode_intensity",
-                                     "chips_needed"}
+                                     "compute_bound_batch", "measured_knee", "chips_needed"}
 
 
 @pytest.mark.parametrize("name", list(ag.CHECKS.checks))
@@ -130,6 +130,155 @@ def test_roofline_python_max_fails_on_vectors():
 ])
 def test_decode_rejects(wrong, hint):
     assert_rejects(ag.CHECKS, "decode_intensity", wrong, hint)
+
+
+# --- compute_bound_batch ------------------------------------------------------------------------
+
+def batch_by_search(n_params, bytes_per_param, kv_bytes_per_sequence, peak_flops, bandwidth):
+    """Correct but slow: try batch sizes until the intensity reaches the ridge point (bounded here)."""
+    ridge = peak_flops / bandwidth
+    for B in range(1, 100_000):
+        if sol.decode_intensity(n_params, B, bytes_per_param, kv_bytes_per_sequence) >= ridge:
+            return B
+    return math.inf
+
+
+def batch_not_rounded(n_params, bytes_per_param, kv_bytes_per_sequence, peak_flops, bandwidth):
+    ridge = peak_flops / bandwidth
+    gain = 2 * n_params - ridge * kv_bytes_per_sequence
+    return ridge * n_params * bytes_per_param / gain if gain > 0 else math.inf
+
+
+def batch_rounded(n_params, bytes_per_param, kv_bytes_per_sequence, peak_flops, bandwidth):
+    ridge = peak_flops / bandwidth
+    gain = 2 * n_params - ridge * kv_bytes_per_sequence
+    return max(1, round(ridge * n_params * bytes_per_param / gain)) if gain > 0 else math.inf
+
+
+def batch_no_cache(n_params, bytes_per_param, kv_bytes_per_sequence, peak_flops, bandwidth):
+    return max(1, math.ceil(peak_flops / bandwidth * bytes_per_param / 2))
+
+
+def batch_ridge_inverted(n_params, bytes_per_param, kv_bytes_per_sequence, peak_flops, bandwidth):
+    return sol.compute_bound_batch(n_params, bytes_per_param, kv_bytes_per_sequence, bandwidth, peak_flops)
+
+
+def batch_never_zero(n_params, bytes_per_param, kv_bytes_per_sequence, peak_flops, bandwidth):
+    result = sol.compute_bound_batch(n_params, bytes_per_param, kv_bytes_per_sequence, peak_flops, bandwidth)
+    return 0 if result == math.inf else result
+
+
+def batch_one_more(n_params, bytes_per_param, kv_bytes_per_sequence, peak_flops, bandwidth):  # floor + 1
+    ridge = peak_flops / bandwidth
+    gain = 2 * n_params - ridge * kv_bytes_per_sequence
+    return math.floor(ridge * n_params * bytes_per_param / gain) + 1 if gain > 0 else math.inf
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (batch_not_rounded, "round UP"),
+    (batch_rounded, None),
+    (batch_no_cache, "ignores the KV caches"),
+    (batch_ridge_inverted, "not bandwidth / peak_flops"),
+])
+def test_compute_bound_batch_rejects(wrong, hint):
+    assert_rejects(ag.CHECKS, "compute_bound_batch", wrong, hint)
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (batch_never_zero, "math.inf"),
+    (batch_one_more, None),  # one too many exactly at the ridge point: the batch that reaches it counts
+])
+def test_compute_bound_batch_hidden_cases_catch(wrong, hint):
+    from autograders.engine.core import evaluate
+    report = evaluate(ag.CHECKS["compute_bound_batch"], wrong, seed=0, hidden=True)
+    assert not report.passed and (hint is None or hint in report.summary())
+
+
+def test_compute_bound_batch_search_is_accepted():
+    """Trying B = 1, 2, ... with a bound is correct (if slow); the exercise asks for the closed form."""
+    assert_accepts(ag.CHECKS, "compute_bound_batch", batch_by_search)
+
+
+def test_compute_bound_batch_reaches_the_ridge_point():
+    """The answer is the first batch at or above the ridge point: B - 1 is below it."""
+    for case in ag.CHECKS["compute_bound_batch"].cases:
+        i = case.make_inputs(torch.Generator().manual_seed(0))
+        B = sol.compute_bound_batch(**i)
+        ridge = i["peak_flops"] / i["bandwidth"]
+        if B == math.inf:
+            assert 2 * i["n_params"] <= ridge * i["kv_bytes_per_sequence"]
+            continue
+        args = (i["n_params"], i["bytes_per_param"], i["kv_bytes_per_sequence"])
+        assert sol.decode_intensity(args[0], B, args[1], args[2]) >= ridge
+        assert B == 1 or sol.decode_intensity(args[0], B - 1, args[1], args[2]) < ridge
+
+
+# --- measured_knee ------------------------------------------------------------------------------
+
+def knee_unsorted(batches, step_times):
+    flat = step_times[0].item()
+    slope = ((step_times[-1] - step_times[-2]) / (batches[-1] - batches[-2])).item()
+    return flat, slope, batches[-1].item() - (step_times[-1].item() - flat) / slope if slope > 0 else math.inf
+
+
+def knee_least_squares(batches, step_times):
+    design = torch.stack([torch.ones_like(batches), batches], dim=1)
+    fixed, slope = torch.linalg.lstsq(design, step_times[:, None]).solution[:, 0].tolist()
+    return step_times[batches.argmin()].item(), slope, fixed / slope if slope > 0 else math.inf
+
+
+def knee_flat_over_slope(batches, step_times):
+    flat, slope, _ = sol.measured_knee(batches, step_times)
+    return flat, slope, flat / slope if slope > 0 else math.inf
+
+
+def knee_smallest_to_largest(batches, step_times):
+    order = batches.argsort()
+    B, t = batches[order], step_times[order]
+    slope = ((t[-1] - t[0]) / (B[-1] - B[0])).item()
+    return t[0].item(), slope, B[-1].item() - (t[-1].item() - t[0].item()) / slope
+
+
+def knee_flat_is_minimum(batches, step_times):  # the smallest time, not the time of the smallest batch
+    _, slope, _ = sol.measured_knee(batches, step_times)
+    order = batches.argsort()
+    flat = step_times.min().item()
+    return flat, slope, batches[order][-1].item() - (step_times[order][-1].item() - flat) / slope
+
+
+def knee_negative(batches, step_times):
+    order = batches.argsort()
+    B, t = batches[order], step_times[order]
+    slope = ((t[-1] - t[-2]) / (B[-1] - B[-2])).item()
+    return t[0].item(), slope, B[-1].item() - (t[-1].item() - t[0].item()) / slope
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (knee_flat_over_slope, "through the origin"),
+    (knee_smallest_to_largest, "across the flat part"),
+    (knee_least_squares, None),
+    (knee_flat_is_minimum, None),
+])
+def test_measured_knee_rejects(wrong, hint):
+    assert_rejects(ag.CHECKS, "measured_knee", wrong, hint)
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (knee_unsorted, "sort by batch size"),
+    (knee_negative, "math.inf"),
+])
+def test_measured_knee_hidden_cases_name_the_mistake(wrong, hint):
+    from autograders.engine.core import evaluate
+    report = evaluate(ag.CHECKS["measured_knee"], wrong, seed=0, hidden=True)
+    assert not report.passed and hint in report.summary()
+
+
+def test_measured_knee_finds_the_roofline_corner():
+    """On a noiseless roofline-shaped curve the knee is where the flat part ends."""
+    B = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0, 32.0], dtype=torch.float64)
+    t = torch.maximum(torch.full_like(B, 6e-3), 1e-3 * B)
+    flat, slope, knee = sol.measured_knee(B, t)
+    assert flat == pytest.approx(6e-3) and slope == pytest.approx(1e-3) and knee == pytest.approx(6.0)
 
 
 # --- chips_needed -------------------------------------------------------------------------------

@@ -115,7 +115,79 @@ DECODE = Task(
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. how many chips hold a model
+# 5. predicted: the batch at which decode turns compute-bound (inputs are a machine's measured numbers)
+
+def _ridge_case(P, b, kv, peak, bw):
+    return lambda g: {"n_params": P, "bytes_per_param": b, "kv_bytes_per_sequence": kv,
+                      "peak_flops": float(peak), "bandwidth": float(bw)}
+
+
+def _random_machine(g):
+    """A random model and machine, as measured numbers come: nothing lands exactly on an integer."""
+    u = torch.rand(5, generator=g, dtype=torch.float64).tolist()
+    return {"n_params": int(10 ** (7 + 3 * u[0])), "bytes_per_param": 4, "kv_bytes_per_sequence": int(1e5 + 1e6 * u[1]),
+            "peak_flops": 5e10 * (1 + 4 * u[2]), "bandwidth": 1e10 * (1 + 4 * u[3])}
+
+
+RIDGE_BATCH = Task(
+    "compute_bound_batch",
+    cases=(
+        Case("7e9 parameters, float16, no cache, an H100's claimed 989 TFLOP/s and 3.35 TB/s",
+             _ridge_case(7_000_000_000, 2, 0, 989e12, 3.35e12)),
+        Case("the chapter's GPT on a CPU core: 13.2M parameters, float32, 0.4 MB of cache, 97 GFLOP/s, 41.9 GB/s",
+             _ridge_case(13_172_736, 4, 393_216, 97.3e9, 41.9e9)),
+        Case("7e9 parameters, float16, 20 MB of cache per sequence, H100 figures",
+             _ridge_case(7_000_000_000, 2, 20_000_000, 989e12, 3.35e12)),
+        Case("long contexts: 0.5 GB of cache per sequence on H100 figures (never compute-bound)",
+             _ridge_case(7_000_000_000, 2, 500_000_000, 989e12, 3.35e12), hidden=True),
+        Case("a slow chip with fast memory: compute-bound from batch 1",
+             _ridge_case(1_000_000, 4, 1000, 1e9, 1e11), hidden=True),
+        Case("int8 weights, Groq-like claimed figures (188 TFLOP/s, 80 TB/s)",
+             _ridge_case(70_000_000_000, 1, 0, 188e12, 80e12), hidden=True),
+        Case("a random model on a random machine", _random_machine, hidden=True),
+        Case("exactly at the ridge point at batch 8 (round numbers)", _ridge_case(1_000_000, 4, 0, 4e12, 1e12),
+             hidden=True),
+        Case("70e9 parameters, float16, 1.3 GB of cache (Llama-2-70B at 4096 tokens), H100 figures",
+             _ridge_case(70_000_000_000, 2, 1_342_177_280, 989e12, 3.35e12), hidden=True),
+    ),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. measured: where measured decode-step times turn from flat to growing
+
+def _step_times(batches, fixed, per_sequence, noise, g, shape="roofline"):
+    B = torch.tensor(batches, dtype=torch.float64)
+    if shape == "roofline":  # flat, then growing: max(fixed, per_sequence * B)
+        t = torch.maximum(torch.full_like(B, fixed), per_sequence * B)
+    else:  # a straight line: growing from the first batch on
+        t = fixed + per_sequence * B
+    t = t * (1 + noise * (2 * torch.rand(len(batches), generator=g, dtype=torch.float64) - 1))
+    return {"batches": B, "step_times": t}
+
+
+KNEE = Task(
+    "measured_knee",
+    cases=(
+        Case("a roofline-shaped curve, flat up to batch 8, 2% noise",
+             lambda g: _step_times((1, 2, 4, 8, 16, 32, 64), 8e-3, 1e-3, 0.02, g)),
+        Case("growing from the first batch (1 ms shared + 0.2 ms per sequence), 5% noise",
+             lambda g: _step_times((1, 2, 4, 8, 16, 32), 1e-3, 2e-4, 0.05, g, shape="line")),
+        Case("three batch sizes, no noise", lambda g: _step_times((1, 4, 16), 2e-3, 5e-4, 0.0, g), hidden=True),
+        Case("a GPU-like sweep: 4 ms flat, 15 us per sequence",
+             lambda g: _step_times((1, 8, 64, 256, 512, 1024), 4e-3, 1.5e-5, 0.03, g), hidden=True),
+        Case("unsorted batch sizes", lambda g: _step_times((16, 1, 32, 8, 2, 4), 3e-3, 4e-4, 0.05, g), hidden=True),
+        Case("the time falls at the largest batches (noise): no knee",
+             lambda g: {"batches": torch.tensor([1.0, 2.0, 4.0, 8.0], dtype=torch.float64),
+                        "step_times": torch.tensor([5e-3, 5.1e-3, 5.3e-3, 5.2e-3], dtype=torch.float64)},
+             hidden=True),
+    ),
+    output_names=("flat_s", "per_sequence_s", "knee"),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. how many chips hold a model
 
 def _chips_case(P, b, mem, kv=0):
     return lambda g: {"n_params": P, "bytes_per_param": b, "memory_per_chip": mem, "kv_cache_bytes": kv}
@@ -136,4 +208,4 @@ CHIPS = Task(
 )
 
 
-TASKS = TaskSet(CHAPTER, [TTFT_TPOT, MATMUL, ROOFLINE, DECODE, CHIPS])
+TASKS = TaskSet(CHAPTER, [TTFT_TPOT, MATMUL, ROOFLINE, DECODE, RIDGE_BATCH, KNEE, CHIPS])
