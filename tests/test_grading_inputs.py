@@ -177,6 +177,12 @@ def test_array_decoder_checks_the_header_before_the_data():
         decode_array(Blob(b"\x93NUMPY garbage"))
 
 
+def test_scalars_and_odd_layouts_cross_the_boundary_unchanged():
+    for a in (np.array(3.5), np.array(7, dtype=np.int64), np.arange(6.0).reshape(2, 3).T, np.zeros((0, 4))):
+        b = decode_array(Blob(encode_array(a)), a)
+        assert b.shape == a.shape and b.dtype == a.dtype and np.array_equal(a, b)
+
+
 def test_judge_reads_blobs_and_rejects_bad_ones():
     check = Check("double", (Case("c", lambda g: {"x": randn(g, 4)}),), lambda i: i["x"] * 2, TOL)
     inputs = core.make_inputs(check.cases[0], 5)

@@ -418,7 +418,8 @@ def encode_array(a: np.ndarray) -> bytes:
     import io
 
     buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(a), allow_pickle=False)
+    a = np.asarray(a)
+    np.lib.format.write_array(buf, np.ascontiguousarray(a).reshape(a.shape), allow_pickle=False)  # 0-d stays 0-d
     return buf.getvalue()
 
 
