@@ -19,6 +19,7 @@ help:
 	@echo "make lab      set up if needed, copy new chapters into work/ (never overwriting), JupyterLab on work/"
 	@echo "make validate NOTEBOOK=work/01_self_attention/self_attention.ipynb   run a notebook's visible checks"
 	@echo "make instructor   JupyterLab with nbgrader's instructor tools (formgrader) on the course directory"
+	@echo "make hub      JupyterHub for a class on 127.0.0.1:8000 (sudo: a Unix uid per student; see hub/README.md)"
 	@echo "make assignment CHAPTER=01_self_attention   record a chapter in gradebook.db (chapters/ untouched)"
 	@echo "make test     set up if needed, then the whole test suite"
 	@echo "make release  regenerate chapters/ from solutions/ (CHAPTER=NN_name for one)"
@@ -52,6 +53,11 @@ lab: work
 instructor: $(STAMP)
 	JUPYTER_CONFIG_DIR=$(CURDIR)/config/instructor $(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 \
 		--ServerApp.port=8889 --no-browser --allow-root --ServerApp.root_dir=$(CURDIR)
+
+# The course's JupyterHub for a class (hub/README.md); HUB_PORT, HUB_ROSTER, HUB_INSTRUCTOR from the environment.
+.PHONY: hub
+hub: $(STAMP)
+	$(PY) tools/hub.py
 
 NOTEBOOK ?=
 validate: $(STAMP)
