@@ -47,10 +47,11 @@ PUBLIC = frozenset({".venv", "autograders", "coursekit", "hub", "chapters", "REA
 PRIVATE_DIRS = ("submitted", "autograded", "feedback", "graded")
 PRIVATE_FILES = ("gradebook.db",)
 
-# uids the grading sandbox hands to student code (autograders/engine/sandbox.py: BASE_UID is 61000
-# plus a block of 64 per grader process, pid % 4096); it kills whatever runs under them, so hub
-# accounts must never get one.
-SANDBOX_UIDS = (61000, 61000 + 4096 * 64)
+# uids the grading sandbox hands to student code; it kills whatever runs under them, so hub accounts
+# must never get one.
+from autograders.engine.sandbox import SANDBOX_UID_RANGE  # noqa: E402
+
+SANDBOX_UIDS = (SANDBOX_UID_RANGE.start, SANDBOX_UID_RANGE.stop)
 DEFAULT_UID_BASE = 400_000
 
 

@@ -39,6 +39,10 @@ def fresh_copy(dest):
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, target)
     (dest / ".venv").symlink_to(ROOT / ".venv")
+    # the environment is the one already installed: make must not see its inputs as newer than its stamp
+    stamp = (ROOT / ".venv" / ".installed").stat().st_mtime
+    for name in ("requirements.txt", "pyproject.toml"):
+        os.utime(dest / name, (stamp - 1, stamp - 1))
     return dest
 
 

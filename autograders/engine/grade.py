@@ -216,6 +216,7 @@ class Submission:
     timestamp: str | None = None
     original: str | None = None  # the folder or file name, when the id had to differ from it
     notes: list[str] = field(default_factory=list)
+    folder: Path | None = None  # nbgrader layout: submitted/<student>/<chapter>/
 
 
 _ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.@+-")
@@ -301,6 +302,7 @@ def find_submissions(root: Path, chapter: str, notebook_names: list[str]) -> lis
             if _kind(stamp) is None and stamp.is_file() and stamp.stat().st_size < 4096:
                 timestamp = stamp.read_text(errors="replace")[:64].strip() or None
             add(entry.name, chosen, problem, timestamp)
+            subs[-1].folder = chapter_dir
         elif entry.name.endswith(".ipynb"):
             stem = entry.name[: -len(".ipynb")]
             if why is not None:
@@ -902,6 +904,9 @@ class Grader:
                 fb = self.course_dir / "feedback" / sub.student / self.chapter
                 fb.mkdir(parents=True, exist_ok=True)
                 (fb / src.name.replace(".ipynb", ".html")).write_text(page, encoding="utf-8")
+                for name, data in _submission_extras(sub).items():  # nbgrader's release_feedback needs them
+                    (auto / name).write_bytes(data)
+                    (fb / name).write_bytes(data)
             except Exception as exc:  # noqa: BLE001
                 res.notes.append(f"feedback not written ({type(exc).__name__}: {shorten(exc, 200)})")
         res.notebooks = {}
@@ -923,6 +928,24 @@ class Grader:
                                                  "reasons": x.reasons, "details": x.private} for x in r.rows}}
                          for r in results]}, indent=1))
         (self.out / "summary.md").write_text(summary_table(results, names, maximum, self.sandbox.warning))
+
+
+def _submission_extras(sub: Submission) -> dict[str, bytes]:
+    """``timestamp.txt`` and ``submission_secret.txt`` of an nbgrader-layout submission, as
+    ``nbgrader generate_feedback`` copies them: regular files only (links are not followed), small."""
+    out = {}
+    if sub.folder is None:
+        return out
+    for name in ("timestamp.txt", "submission_secret.txt"):
+        path = sub.folder / name
+        if _kind(path) is None and path.is_file():
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            try:
+                if stat.S_ISREG(os.fstat(fd).st_mode) and os.fstat(fd).st_size <= 4096:
+                    out[name] = os.read(fd, 4096)
+            finally:
+                os.close(fd)
+    return out
 
 
 def in_shard(student: str, index: int, count: int) -> bool:

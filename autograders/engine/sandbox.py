@@ -46,6 +46,8 @@ REPO = Path(__file__).resolve().parents[2]
 # Each grading process gets its own block of uids, so that two graders running at once (two
 # instructors, or parallel test workers) never kill or read each other's student processes.
 BASE_UID = 61000 + (os.getpid() % 4096) * 64
+UIDS_PER_GRADER = 64  # slots per grading process: BASE_UID .. BASE_UID + 63
+SANDBOX_UID_RANGE = range(61000, 61000 + 4096 * UIDS_PER_GRADER)  # every uid a sandbox may ever use
 FALLBACK_WARNING = (
     "WARNING: bubblewrap (bwrap) is not available: student code runs WITHOUT namespace isolation "
     "(it can read files this user can read and reach the network); only resource limits and timeouts "
