@@ -7,7 +7,9 @@ cache a list with one pair per layer; ``None`` means "nothing cached yet".
 
 References: ``transformers.DynamicCache.update`` for the append, full causal attention recomputed
 over the whole sequence for attention over the cache, and ``coursekit.gpt.GPT`` run on the whole
-sequence without a cache for the model's forward pass and for greedy generation.
+sequence without a cache for the model's forward pass and for greedy generation; for the paged cache,
+the pool read position by position through the block table (block ``table[t // block_size]``, offset
+``t % block_size``), the definition of a block table.
 """
 
 from __future__ import annotations
@@ -251,7 +253,7 @@ FORWARD = Check(
 def _generate_ref(inputs):
     # Recompute the whole sequence at every step: slow, but obviously right.
     out = generate(inputs["model"], inputs["idx"], inputs["max_new_tokens"], use_cache=False)
-    return out, inputs["idx"].shape[1] + inputs["max_new_tokens"] - 1
+    return out, torch.tensor([inputs["idx"].shape[1] + inputs["max_new_tokens"] - 1])  # the task's shape
 
 
 def _generate_describe(inputs):
@@ -321,5 +323,66 @@ GENERATE = Check(
 )
 
 
-CHECKS = CheckSet(CHAPTER, [APPEND, ATTEND, FORWARD, GENERATE])
+# ---------------------------------------------------------------------------------------------
+# 5. a paged cache: gather one sequence's positions from the pool, in block-table order
+
+
+def _gather_ref(inputs):
+    pool, table, length = inputs["pool"], inputs["block_table"], inputs["length"]
+    bs = pool.shape[2]
+    return torch.stack([pool[int(table[t // bs]), :, t % bs] for t in range(length)], dim=1)
+
+
+def _gather_describe(inputs):
+    nb, H, bs, d = inputs["pool"].shape
+    return (f"pool of {nb} blocks of {bs} positions, {H} heads, d_head={d}; a table of "
+            f"{inputs['block_table'].numel()} block(s); length {inputs['length']}")
+
+
+def _gather_sorted(pool, block_table, length):
+    H, bs, d = pool.shape[1:]
+    blocks = pool[block_table.sort().values]
+    return blocks.permute(1, 0, 2, 3).reshape(H, -1, d)[:, :length]
+
+
+def _gather_no_permute(pool, block_table, length):
+    H, bs, d = pool.shape[1:]
+    return pool[block_table].reshape(H, -1, d)[:, :length]
+
+
+def _gather_first_blocks(pool, block_table, length):
+    H, bs, d = pool.shape[1:]
+    return pool[: block_table.numel()].permute(1, 0, 2, 3).reshape(H, -1, d)[:, :length]
+
+
+def _gather_last_positions(pool, block_table, length):
+    H, bs, d = pool.shape[1:]
+    flat = pool[block_table].permute(1, 0, 2, 3).reshape(H, -1, d)
+    return flat[:, flat.shape[1] - length:]
+
+
+GATHER = Check(
+    H.GATHER,
+    reference=_gather_ref,
+    tolerance=EXACT,
+    describe_inputs=_gather_describe,
+    mistakes=(
+        Mistake("blocks in id order", _gather_sorted,
+                "your positions come from the right blocks but in the order of their ids: blocks are handed "
+                "out as they are needed, so a sequence's blocks are anywhere in the pool -- read them in "
+                "block-table order (block_table[0] holds positions 0 .. block_size - 1)."),
+        Mistake("heads and positions mixed", _gather_no_permute,
+                "pool[block_table] is (n_blocks, H, block_size, d_head): move the head axis first "
+                "(permute(1, 0, 2, 3)) before merging blocks and positions, or heads get mixed into positions."),
+        Mistake("the first blocks of the pool", _gather_first_blocks,
+                "you read blocks 0, 1, 2, ... of the pool: the sequence's blocks are the ones its block table "
+                "names, pool[block_table]."),
+        Mistake("the last positions", _gather_last_positions,
+                "the positions of a sequence start at the beginning of its first block; the unfilled slots "
+                "are at the END of its last block: keep the first `length` positions."),
+    ),
+)
+
+
+CHECKS = CheckSet(CHAPTER, [APPEND, ATTEND, FORWARD, GENERATE, GATHER])
 check = CHECKS.check

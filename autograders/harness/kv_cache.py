@@ -6,14 +6,22 @@ Conventions (stated in the notebook too): keys, values and queries are laid out 
 cache a list with one pair per layer; ``None`` means "nothing cached yet".
 
 The models are small random ``coursekit.gpt.GPT``\\ s; the forward pass with a cache starts from the
-cache ``GPT.forward(..., use_cache=True)`` builds for the earlier tokens.
+cache ``GPT.forward(..., use_cache=True)`` builds for the earlier tokens (built with the inputs, before the
+student's function runs). ``GPT.forward(past=..., use_cache=True)`` and ``coursekit.gpt.generate`` compute
+what Exercises 3 and 4 ask, so while those run the model's own forward paths (the model's, its blocks' and
+their attention's) and ``coursekit.gpt``'s ``generate`` / ``decode_step`` / ``StaticKVCache`` are replaced
+by recording wrappers, and a rule fails if any was called.
+
+A paged cache (Exercise 5) is a pool ``(num_blocks, n_kv_head, block_size, d_head)`` and a block table:
+position ``t`` lives in block ``table[t // block_size]`` at offset ``t % block_size``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from autograders.engine.core import Case, Task, TaskSet, randn
+import coursekit.gpt as gpt_module
+from autograders.engine.core import Case, Forbid, Require, Task, TaskSet, randn
 from coursekit.gpt import GPT, GPTConfig
 
 CHAPTER = "07_kv_cache"
@@ -86,15 +94,22 @@ ATTEND = Task(
 # 3-4. a GPT's forward pass with the cache, and greedy generation with it
 
 def _model(g, vocab=23, d_model=32, n_layer=2, n_head=4, max_len=64):
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = GPT(GPTConfig(vocab_size=vocab, d_model=d_model, n_layer=n_layer, n_head=n_head,
-                              max_len=max_len)).eval()
-        with torch.no_grad():
-            # Larger embeddings than GPT-2's init: well separated logits, so greedy choices are clear-cut.
-            model.tok_emb.weight.normal_(0.0, 1.0)
-            model.pos_emb.weight.normal_(0.0, 0.5)
+    """A random GPT whose every weight comes from the case's generator (never the global one, which
+    threads that build inputs at the same time would share): GPT-2's init, with larger embeddings."""
+    model = GPT(GPTConfig(vocab_size=vocab, d_model=d_model, n_layer=n_layer, n_head=n_head,
+                          max_len=max_len)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # the tied head is the token embedding, set once
+            if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight":
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                std = {"tok_emb.weight": 1.0, "pos_emb.weight": 0.5}.get(name, 0.02)
+                if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                    std = 0.02 / (2 * n_layer) ** 0.5
+                # Larger embeddings than GPT-2's init: well separated logits, so greedy choices are clear-cut.
+                p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
 
 
@@ -102,7 +117,89 @@ def _forward_inputs(g, B, T_past, T_new, **config):
     model = _model(g, **config)
     V = model.config.vocab_size
     idx_past = torch.randint(0, V, (B, T_past), generator=g) if T_past else None
-    return {"model": model, "idx_past": idx_past, "idx_new": torch.randint(0, V, (B, T_new), generator=g)}
+    past = None
+    if idx_past is not None:
+        with torch.no_grad():
+            _, past = model(idx_past, use_cache=True)  # a known-good cache of the earlier tokens
+    return {"model": model, "idx_past": idx_past, "idx_new": torch.randint(0, V, (B, T_new), generator=g),
+            "past": past}
+
+
+# ---- the model's own cached paths, watched while the student's function runs
+
+_SDPA_OPS = ("aten.scaled_dot_product_attention", "aten._scaled_dot_product_attention_math",
+             "aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_flash_attention_for_cpu",
+             "aten._scaled_dot_product_efficient_attention", "aten._scaled_dot_product_cudnn_attention",
+             "aten._scaled_dot_product_fused_attention_overrideable", "aten._flash_attention_forward",
+             "aten._efficient_attention_forward")
+_LIBRARY_NAMES = ("generate", "decode_step", "StaticKVCache")
+_LIBRARY = {name: getattr(gpt_module, name) for name in _LIBRARY_NAMES}  # as imported, never a wrapper
+
+
+def _recording(original, label, seen):
+    def recorded(*args, **kwargs):
+        seen.append(label)
+        return original(*args, **kwargs)
+    recorded._records = original  # marks a wrapper (calls that overlap may meet another's)
+    return recorded
+
+
+def _wraps(value, original) -> bool:
+    try:
+        return type(value).__name__ == "function" and value.__dict__.get("_records") is original
+    except Exception:  # noqa: BLE001 - any odd object in a namespace is simply not a wrapper
+        return False
+
+
+def _watch_own_paths(impl, model, seen):
+    """Put recording wrappers on every route to the model's own cached computation; return the undo.
+
+    The model's forward, each block's forward and each attention's forward and ``attend`` are
+    replaced on the instances (so ``model(...)``, ``model.forward(...)`` and ``GPT.forward(model, ...)``,
+    which calls the blocks, are all seen); ``coursekit.gpt.generate`` / ``decode_step`` /
+    ``StaticKVCache`` are replaced in ``coursekit.gpt`` and wherever the function's module names them."""
+    undo = []
+
+    def on_instance(obj, attr, label):
+        had_own = attr in vars(obj)
+        original = getattr(obj, attr)
+        object.__setattr__(obj, attr, _recording(original, label, seen))
+        undo.append(lambda: object.__setattr__(obj, attr, original) if had_own else object.__delattr__(obj, attr))
+
+    on_instance(model, "forward", "the model's forward (model(...) or model.forward)")
+    for i, block in enumerate(model.blocks):
+        on_instance(block, "forward", f"the forward of model.blocks[{i}]")
+        on_instance(block.attn, "forward", f"the forward of model.blocks[{i}].attn")
+        on_instance(block.attn, "attend", f"model.blocks[{i}].attn.attend")
+    namespaces = [vars(gpt_module)]
+    globs = getattr(impl, "__globals__", None)
+    if isinstance(globs, dict) and globs is not vars(gpt_module):
+        namespaces.append(globs)
+    for name, original in _LIBRARY.items():
+        wrapped = _recording(original, f"coursekit.gpt.{name}", seen)
+        for namespace in namespaces:
+            for key, value in list(namespace.items()):
+                if value is original or _wraps(value, original):
+                    namespace[key] = wrapped
+                    # back to the function itself, not to whatever was there: safe when calls overlap
+                    undo.append(lambda namespace=namespace, key=key, original=original:
+                                namespace.__setitem__(key, original))
+    return undo
+
+
+def _undo(steps):
+    for step in reversed(steps):
+        step()
+
+
+def _own_calls_rule(exercise, instead):
+    return Require(
+        f"{instead}: the model's own forward (model(...), model.forward, GPT.forward, a block's or its "
+        f"attention's forward or attend) and coursekit.gpt's generate / decode_step / StaticKVCache compute "
+        f"this exercise for you and are not allowed in {exercise}",
+        test=lambda trace, inputs: not inputs.get("_own_calls"),
+        found=lambda trace, inputs: "it called " + ", ".join(dict.fromkeys(inputs.get("_own_calls", ()))),
+    )
 
 
 def _stack_cache(cache, n_layer):
@@ -114,10 +211,13 @@ def _stack_cache(cache, n_layer):
 
 def _call_forward(impl, inputs):
     model = inputs["model"]
-    past = None
-    if inputs["idx_past"] is not None:
-        _, past = model(inputs["idx_past"], use_cache=True)  # a known-good cache of the earlier tokens
-    result = impl(model, inputs["idx_new"], past)
+    past = None if inputs["past"] is None else [(k.clone(), v.clone()) for k, v in inputs["past"]]
+    inputs["_own_calls"] = seen = []
+    undo = _watch_own_paths(impl, model, seen)
+    try:
+        result = impl(model, inputs["idx_new"], past)
+    finally:
+        _undo(undo)
     if not isinstance(result, (tuple, list)) or len(result) != 2:
         raise TypeError("gpt_forward_cached must return a pair (logits, cache)")
     logits, present = result
@@ -138,6 +238,12 @@ FORWARD = Task(
     ),
     call=_call_forward,
     output_names=("logits", "cached keys (stacked over layers)", "cached values (stacked over layers)"),
+    rules=(_own_calls_rule("gpt_forward_cached", "build the forward pass from the model's pieces with your "
+                           "append_kv and attend_with_cache"),
+           Forbid("attention comes from your attend_with_cache (a correct one while this exercise is checked): "
+                  "F.scaled_dot_product_attention, which the model's own forward, generate and decode_step run, "
+                  "is not allowed directly in gpt_forward_cached",
+                  functions=("scaled_dot_product_attention",), ops=_SDPA_OPS)),
     uses=("append_kv", "attend_with_cache"),
 )
 
@@ -151,12 +257,15 @@ def _generate_inputs(g, B, T, N, **config):
 def _call_generate(impl, inputs):
     model = inputs["model"]
     fed = []
+    inputs["_own_calls"] = seen = []
     handle = model.tok_emb.register_forward_hook(lambda module, args, out: fed.append(args[0].shape[-1]))
+    undo = _watch_own_paths(impl, model, seen)
     try:
         out = impl(model, inputs["idx"].clone(), inputs["max_new_tokens"])
     finally:
+        _undo(undo)
         handle.remove()
-    return out, sum(fed)
+    return out, torch.tensor([sum(fed)])  # one count, as a 1-element array
 
 
 GENERATE = Task(
@@ -172,7 +281,39 @@ GENERATE = Task(
     ),
     call=_call_generate,
     output_names=("tokens", "tokens fed to the model"),
+    rules=(_own_calls_rule("generate_cached", "generate with your gpt_forward_cached"),),
 )
 
 
-TASKS = TaskSet(CHAPTER, [APPEND, ATTEND, FORWARD, GENERATE])
+# ---------------------------------------------------------------------------------------------
+# 5. a paged cache: gather one sequence's positions from the pool, in block-table order
+
+def _paged_inputs(H, d, block_size, length, num_blocks, extra_blocks=0, scale=1.0):
+    def make(g):
+        n = -(-length // block_size) + extra_blocks
+        return {"pool": randn(g, num_blocks, H, block_size, d, scale=scale),  # other sequences' data too
+                "block_table": torch.randperm(num_blocks, generator=g)[:n],  # blocks handed out in any order
+                "length": length}
+    return make
+
+
+def _call_gather(impl, inputs):
+    return impl(inputs["pool"].clone(), inputs["block_table"].clone(), inputs["length"])
+
+
+GATHER = Task(
+    "gather_blocks",
+    cases=(
+        Case("10 positions in blocks of 4 (the last block partly filled), 2 heads", _paged_inputs(2, 3, 4, 10, 9)),
+        Case("16 positions filling 4 blocks of 4 exactly, 3 heads", _paged_inputs(3, 4, 4, 16, 12)),
+        Case("block size 1: the table lists every position's block", _paged_inputs(2, 2, 1, 7, 10), hidden=True),
+        Case("one position", _paged_inputs(1, 4, 8, 1, 5), hidden=True),
+        Case("the table holds one block more than the length needs", _paged_inputs(2, 4, 4, 9, 10, extra_blocks=1),
+             hidden=True),
+        Case("100 positions in blocks of 16, 4 heads, d_head 8", _paged_inputs(4, 8, 16, 100, 20), hidden=True),
+    ),
+    call=_call_gather,
+)
+
+
+TASKS = TaskSet(CHAPTER, [APPEND, ATTEND, FORWARD, GENERATE, GATHER])
