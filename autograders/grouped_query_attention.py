@@ -117,49 +117,7 @@ GQA = Check(
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. kv_cache_bytes: the size of the cache, against the bytes of real (meta) tensors of that shape
-
-_DTYPES = {1: torch.int8, 2: torch.float16, 4: torch.float32, 8: torch.float64}
-
-
-def _cache_ref(inputs):
-    """Allocate the cache's tensors on the meta device (no memory) and add up their ``nbytes``."""
-    d_head = inputs["d_model"] // inputs["n_head"]
-    shape = (inputs["batch"], inputs["n_kv_head"], inputs["seq_len"], d_head)
-    dtype = _DTYPES[inputs["bytes_per_element"]]
-    tensors = [torch.empty(shape, dtype=dtype, device="meta")
-               for _layer in range(inputs["n_layer"]) for _k_or_v in range(2)]
-    return sum(t.nbytes for t in tensors)
-
-
-def _cache_formula(n_layer, n_head, n_kv_head, d_model, batch, seq_len, bytes_per_element, *,
-                   kv=2, heads="kv", layers=True, bits=False):
-    d_head = d_model // n_head
-    h = n_kv_head if heads == "kv" else n_head
-    total = kv * (n_layer if layers else 1) * batch * seq_len * h * d_head * bytes_per_element
-    return total * (8 if bits else 1)
-
-
-KV_CACHE = Check(
-    H.KV_CACHE,
-    reference=_cache_ref,
-    tolerance=EXACT,
-    mistakes=(
-        Mistake("query heads", lambda **kw: _cache_formula(**kw, heads="q"),
-                "your size matches n_head key/value heads: only n_kv_head heads are stored -- that is "
-                "the whole point of GQA/MQA."),
-        Mistake("keys only", lambda **kw: _cache_formula(**kw, kv=1),
-                "your size is half the right one: the cache stores keys AND values (a factor 2)."),
-        Mistake("one layer", lambda **kw: _cache_formula(**kw, layers=False),
-                "your size matches a single layer: every layer keeps its own keys and values."),
-        Mistake("bits", lambda **kw: _cache_formula(**kw, bits=True),
-                "your size is 8x too large: count bytes (bytes_per_element), not bits."),
-    ),
-)
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. GroupedQueryAttention module; with n_kv_head == n_head it is nn.MultiheadAttention
+# 3. GroupedQueryAttention module; with n_kv_head == n_head it is nn.MultiheadAttention
 
 
 def _module_ref(inputs):
@@ -238,5 +196,59 @@ MODULE = Check(
 )
 
 
-CHECKS = CheckSet(CHAPTER, [REPEAT_KV, GQA, KV_CACHE, MODULE])
+# ---------------------------------------------------------------------------------------------
+# 4. predicted_speedup: a memory-bound decoding step, bytes moved by the baseline over the variant's
+
+
+def _moved(weights, cache, passes):
+    return weights + passes * cache
+
+
+def _speedup_ref(inputs):
+    passes = inputs.get("cache_passes", 1)
+    ratio = (_moved(inputs["base_weight_bytes"], inputs["base_cache_bytes"], passes)
+             / _moved(inputs["weight_bytes"], inputs["cache_bytes"], passes))
+    return torch.tensor([ratio], dtype=torch.float64)  # the shape the task's call gives an answer
+
+
+def _speedup_wrong(*, invert=False, cache_only=False, weights_only=False, passes_ignored=False,
+                   passes_on_weights=False):
+    def wrong(base_weight_bytes, base_cache_bytes, weight_bytes, cache_bytes, cache_passes=1):
+        p = 1 if passes_ignored else cache_passes
+        if cache_only:
+            base, mine = base_cache_bytes, cache_bytes
+        elif weights_only:
+            base, mine = base_weight_bytes, weight_bytes
+        elif passes_on_weights:
+            base, mine = p * base_weight_bytes + base_cache_bytes, p * weight_bytes + cache_bytes
+        else:
+            base, mine = base_weight_bytes + p * base_cache_bytes, weight_bytes + p * cache_bytes
+        return mine / base if invert else base / mine
+    return wrong
+
+
+SPEEDUP = Check(
+    H.SPEEDUP,
+    reference=_speedup_ref,
+    tolerance=Tolerance(0.0, 1e-6, "a ratio of byte counts; computed in float32 instead of Python floats it "
+                                   "is still right to ~1e-7"),
+    mistakes=(
+        Mistake("inverted", _speedup_wrong(invert=True),
+                "your ratio is upside down: the speed-up is the baseline's time over the variant's, i.e. the "
+                "baseline's bytes per step over the variant's (> 1 when the variant moves fewer bytes)."),
+        Mistake("cache only", _speedup_wrong(cache_only=True),
+                "your ratio counts only the cache (it gives n_head / n_kv_head): every step also moves all the "
+                "weights, which barely shrink -- add them to both sides."),
+        Mistake("weights only", _speedup_wrong(weights_only=True),
+                "your ratio counts only the weights: the cache is moved too, cache_passes times per step."),
+        Mistake("cache passes ignored", _speedup_wrong(passes_ignored=True),
+                "the cache is moved cache_passes times per step (the weights once): multiply the cache bytes, "
+                "on both sides, by cache_passes."),
+        Mistake("passes on the weights", _speedup_wrong(passes_on_weights=True),
+                "cache_passes multiplies the cache bytes, not the weight bytes: the weights are read once per step."),
+    ),
+)
+
+
+CHECKS = CheckSet(CHAPTER, [REPEAT_KV, GQA, MODULE, SPEEDUP])
 check = CHECKS.check

@@ -18,8 +18,8 @@ sol = load_solutions(ag.CHAPTER)
 
 
 def test_every_exercise_has_a_check():
-    assert set(ag.CHECKS.checks) == {"kv_cache_bytes", "repeat_kv", "grouped_query_attention",
-                                     "GroupedQueryAttention"}
+    assert set(ag.CHECKS.checks) == {"repeat_kv", "grouped_query_attention", "GroupedQueryAttention",
+                                     "predicted_speedup"}
 
 
 @pytest.mark.parametrize("name", list(ag.CHECKS.checks))
@@ -27,7 +27,7 @@ def test_solution_passes(name):
     assert_accepts(ag.CHECKS, name, getattr(sol, name))
 
 
-@pytest.mark.parametrize("name", ["kv_cache_bytes", "repeat_kv", "grouped_query_attention"])
+@pytest.mark.parametrize("name", ["repeat_kv", "grouped_query_attention", "predicted_speedup"])
 def test_stub_fails(name):
     text = assert_rejects(ag.CHECKS, name, not_implemented)
     assert "not implemented yet" in text
@@ -40,55 +40,63 @@ def test_stub_module_fails():
     assert "not implemented yet" in assert_rejects(ag.CHECKS, "GroupedQueryAttention", Stub)
 
 
-def test_reference_cache_matches_coursekit_gpt():
-    """The meta-tensor reference and the shared GPT's own formula agree with real cache tensors."""
+def test_given_cache_formula_matches_coursekit_gpt():
+    """The notebook's (given) formula and the shared GPT's own agree with real cache tensors."""
     from coursekit.gpt import GPT, GPTConfig, kv_cache_bytes
     config = GPTConfig(vocab_size=11, d_model=32, n_layer=2, n_head=4, n_kv_head=2, max_len=16)
     model = GPT(config).eval()
     with torch.no_grad():
         _, past = model(torch.zeros(3, 5, dtype=torch.long), use_cache=True)
     measured = sum(k.nbytes + v.nbytes for k, v in past)
-    inputs = {"n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32, "batch": 3, "seq_len": 5,
-              "bytes_per_element": 4}
-    assert ag._cache_ref(inputs) == measured == kv_cache_bytes(config, 3, 5) == sol.kv_cache_bytes(**inputs)
+    assert measured == kv_cache_bytes(config, 3, 5) == sol.kv_cache_bytes(2, 4, 2, 32, 3, 5, 4)
 
 
-# --- kv_cache_bytes -----------------------------------------------------------------------------
+# --- predicted_speedup --------------------------------------------------------------------------
 
-def cache_query_heads(n_layer, n_head, n_kv_head, d_model, batch, seq_len, bytes_per_element):
-    return 2 * n_layer * batch * seq_len * d_model * bytes_per_element
-
-
-def cache_no_two(n_layer, n_head, n_kv_head, d_model, batch, seq_len, bytes_per_element):
-    return n_layer * batch * seq_len * n_kv_head * (d_model // n_head) * bytes_per_element
+def speedup_cache_ratio(base_weight_bytes, base_cache_bytes, weight_bytes, cache_bytes, cache_passes=1):
+    return base_cache_bytes / cache_bytes if cache_bytes else 1.0
 
 
-def cache_one_layer(n_layer, n_head, n_kv_head, d_model, batch, seq_len, bytes_per_element):
-    return 2 * batch * seq_len * n_kv_head * (d_model // n_head) * bytes_per_element
+def speedup_inverted(base_weight_bytes, base_cache_bytes, weight_bytes, cache_bytes, cache_passes=1):
+    return 1 / sol.predicted_speedup(base_weight_bytes, base_cache_bytes, weight_bytes, cache_bytes, cache_passes)
 
 
-def cache_elements(n_layer, n_head, n_kv_head, d_model, batch, seq_len, bytes_per_element):
-    return 2 * n_layer * batch * seq_len * n_kv_head * (d_model // n_head)
+def speedup_no_passes(base_weight_bytes, base_cache_bytes, weight_bytes, cache_bytes, cache_passes=1):
+    return (base_weight_bytes + base_cache_bytes) / (weight_bytes + cache_bytes)
 
 
-def cache_bits(n_layer, n_head, n_kv_head, d_model, batch, seq_len, bytes_per_element):
-    return 8 * sol.kv_cache_bytes(n_layer, n_head, n_kv_head, d_model, batch, seq_len, bytes_per_element)
+def speedup_passes_on_weights(base_weight_bytes, base_cache_bytes, weight_bytes, cache_bytes, cache_passes=1):
+    return ((cache_passes * base_weight_bytes + base_cache_bytes) / (cache_passes * weight_bytes + cache_bytes))
 
 
-def cache_head_size_from_kv_heads(n_layer, n_head, n_kv_head, d_model, batch, seq_len, bytes_per_element):
-    return 2 * n_layer * batch * seq_len * n_kv_head * (d_model // n_kv_head) * bytes_per_element
+def speedup_weights_only(base_weight_bytes, base_cache_bytes, weight_bytes, cache_bytes, cache_passes=1):
+    return base_weight_bytes / weight_bytes
+
+
+def speedup_difference(base_weight_bytes, base_cache_bytes, weight_bytes, cache_bytes, cache_passes=1):
+    return (base_weight_bytes + cache_passes * base_cache_bytes) - (weight_bytes + cache_passes * cache_bytes)
+
+
+def speedup_int_division(base_weight_bytes, base_cache_bytes, weight_bytes, cache_bytes, cache_passes=1):
+    return (base_weight_bytes + cache_passes * base_cache_bytes) // (weight_bytes + cache_passes * cache_bytes)
 
 
 @pytest.mark.parametrize("wrong, hint", [
-    (cache_query_heads, "only n_kv_head heads"),
-    (cache_no_two, "keys AND values"),
-    (cache_one_layer, "every layer"),
-    (cache_elements, None),
-    (cache_bits, "not bits"),
-    (cache_head_size_from_kv_heads, None),
+    (speedup_cache_ratio, "counts only the cache"),
+    (speedup_inverted, "upside down"),
+    (speedup_no_passes, "cache_passes times per step"),
+    (speedup_passes_on_weights, "not the weight bytes"),
+    (speedup_weights_only, "only the weights"),
+    (speedup_difference, None),
+    (speedup_int_division, None),
 ])
-def test_cache_rejects(wrong, hint):
-    assert_rejects(ag.CHECKS, "kv_cache_bytes", wrong, hint)
+def test_speedup_rejects(wrong, hint):
+    assert_rejects(ag.CHECKS, "predicted_speedup", wrong, hint)
+
+
+def test_speedup_of_nothing_is_an_error():
+    with pytest.raises(ValueError, match="no bytes"):
+        sol.predicted_speedup(10, 10, 0, 0)
 
 
 # --- repeat_kv ----------------------------------------------------------------------------------

@@ -78,42 +78,7 @@ GQA = Task(
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. kv_cache_bytes: the size of the cache, against the bytes of real (meta) tensors of that shape
-
-def _cache_case(n_layer, n_head, n_kv_head, d_model, batch, seq_len, bytes_per_element):
-    return lambda g: {"n_layer": n_layer, "n_head": n_head, "n_kv_head": n_kv_head, "d_model": d_model,
-                      "batch": batch, "seq_len": seq_len, "bytes_per_element": bytes_per_element}
-
-
-def _random_cache_case(g):
-    n_head = int(torch.randint(1, 5, (), generator=g)) * 4
-    n_kv_head = [1, 2, 4][int(torch.randint(0, 3, (), generator=g))]
-    return {"n_layer": int(torch.randint(1, 13, (), generator=g)), "n_head": n_head, "n_kv_head": n_kv_head,
-            "d_model": n_head * 16, "batch": int(torch.randint(1, 9, (), generator=g)),
-            "seq_len": int(torch.randint(1, 2049, (), generator=g)), "bytes_per_element": 4}
-
-
-KV_CACHE = Task(
-    "kv_cache_bytes",
-    cases=(
-        Case("MHA: 4 layers, 8 heads, d_model=256, batch 1, 128 tokens, float32",
-             _cache_case(4, 8, 8, 256, 1, 128, 4)),
-        Case("GQA: 32 layers, 32 heads, 8 KV heads, d_model=4096, batch 1, 4096 tokens, float16",
-             _cache_case(32, 32, 8, 4096, 1, 4096, 2)),
-        Case("MQA: 12 layers, 12 heads, 1 KV head, d_model=768, batch 8, 1024 tokens, float32",
-             _cache_case(12, 12, 1, 768, 8, 1024, 4), hidden=True),
-        Case("80 layers, 64 heads, 8 KV heads, d_model=8192, batch 16, 4096 tokens, float16",
-             _cache_case(80, 64, 8, 8192, 16, 4096, 2), hidden=True),
-        Case("int8 cache, 2 layers, 4 heads, 2 KV heads, batch 3, 5 tokens", _cache_case(2, 4, 2, 64, 3, 5, 1),
-             hidden=True),
-        Case("an empty cache (seq_len=0)", _cache_case(4, 8, 2, 256, 2, 0, 4), hidden=True),
-        Case("a random configuration", _random_cache_case, hidden=True),
-    ),
-)
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. GroupedQueryAttention module; with n_kv_head == n_head it is nn.MultiheadAttention
+# 3. GroupedQueryAttention module; with n_kv_head == n_head it is nn.MultiheadAttention
 
 def _module_inputs(B, T, d_model, n_head, n_kv_head, causal, scale=1.0):
     def make(g):
@@ -161,4 +126,59 @@ MODULE = Task(
 )
 
 
-TASKS = TaskSet(CHAPTER, [REPEAT_KV, GQA, KV_CACHE, MODULE])
+# ---------------------------------------------------------------------------------------------
+# 4. predicted_speedup: a memory-bound decoding step, bytes moved by the baseline over the variant's
+
+def _speedup_case(base_w, base_c, w, c, passes=None):
+    def make(g):
+        inputs = {"base_weight_bytes": base_w, "base_cache_bytes": base_c, "weight_bytes": w, "cache_bytes": c}
+        if passes is not None:
+            inputs["cache_passes"] = passes
+        return inputs
+    return make
+
+
+def _random_speedup_case(g):
+    n_head = [8, 16, 32][int(torch.randint(0, 3, (), generator=g))]
+    n_kv = [1, 2, 4, 8][int(torch.randint(0, 4, (), generator=g))]
+    base_w = int(torch.randint(10**6, 10**9, (), generator=g))
+    base_c = int(torch.randint(10**5, 10**9, (), generator=g))
+    # the variant's weights shrink a little (smaller key/value projections), its cache by n_head / n_kv
+    w = base_w - int(torch.randint(0, base_w // 10, (), generator=g))
+    return {"base_weight_bytes": base_w, "base_cache_bytes": base_c, "weight_bytes": w,
+            "cache_bytes": base_c * n_kv // n_head, "cache_passes": int(torch.randint(1, 4, (), generator=g))}
+
+
+def _call_speedup(impl, inputs):
+    value = impl(**inputs)
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise TypeError(f"predicted_speedup must return one number, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"predicted_speedup must return a number, got {type(value).__name__}")
+    return torch.tensor([float(value)], dtype=torch.float64)  # one number, as a 1-element array
+
+
+SPEEDUP = Task(
+    "predicted_speedup",
+    cases=(
+        Case("GQA (2 of 8 KV heads), one pass over the cache, weights and cache of equal size",
+             _speedup_case(12_000_000, 12_000_000, 10_500_000, 3_000_000)),
+        Case("MQA, 3 passes over the cache (the torch.cat cache)",
+             _speedup_case(13_424_640, 12_845_056, 11_582_464, 1_605_632, 3)),
+        Case("a tiny cache next to the weights: almost no speed-up", _speedup_case(8_000_000_000, 2_000_000,
+                                                                                 7_500_000_000, 250_000),
+             hidden=True),
+        Case("a huge cache (long context, large batch), 1 pass", _speedup_case(14_000_000_000, 64_000_000_000,
+                                                                              13_000_000_000, 8_000_000_000),
+             hidden=True),
+        Case("the same model (speed-up 1)", _speedup_case(5_000, 7_000, 5_000, 7_000, 2), hidden=True),
+        Case("2 passes, an empty baseline cache", _speedup_case(1_000_000, 0, 900_000, 0, 2), hidden=True),
+        Case("a random configuration", _random_speedup_case, hidden=True),
+    ),
+    call=_call_speedup,
+)
+
+
+TASKS = TaskSet(CHAPTER, [REPEAT_KV, GQA, MODULE, SPEEDUP])
