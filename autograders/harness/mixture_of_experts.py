@@ -82,6 +82,26 @@ def _positive(g, n, scale=1.0):
     return torch.rand(n, generator=g) * scale + 0.1 * scale
 
 
+def one_number(value, what):
+    """A single number as a 1-element tensor: how scalar results cross to the judge (a 0-d array does
+    not keep its shape there)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise TypeError(f"{what} must be a single number (a 0-d tensor), got shape {tuple(value.shape)}")
+        return value.detach().reshape(1)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number, got {type(value).__name__}")
+    return torch.tensor([float(value)])
+
+
+def _call_cv_squared(impl, inputs):
+    return one_number(impl(**inputs), "cv_squared's result")
+
+
+def _call_importance(impl, inputs):
+    return one_number(impl(**inputs), "importance_loss's result")
+
+
 CV_SQUARED = Task(
     "cv_squared",
     cases=(
@@ -94,6 +114,7 @@ CV_SQUARED = Task(
         Case("16 values, some exactly 0", lambda g: {"values": _positive(g, 16) * (torch.rand(16, generator=g) > 0.3)},
              hidden=True),
     ),
+    call=_call_cv_squared,
     output_names=("cv_squared",),
 )
 
@@ -121,8 +142,11 @@ IMPORTANCE = Task(
         Case("everything on expert 0 (k=1)",
              lambda g: {"gates": _routed_gates(g, 10, 4, 1, skew=100.0), "w_importance": 1.0}, hidden=True),
     ),
+    call=_call_importance,
     output_names=("loss",),
-    uses=("cv_squared",),
+    # No given cv_squared: it is graded in the same cell as this exercise, so a grader can answer it only
+    # after this one is handed in; the student's own cv_squared is used (a mistake there costs this
+    # cell's points either way).
 )
 
 
@@ -216,7 +240,7 @@ def _call_moe(impl, inputs):
     if not isinstance(result, (tuple, list)) or len(result) != 2:
         raise TypeError("MoE.forward must return the pair (output, balancing_loss)")
     y, aux = result
-    return y, aux, torch.tensor([c.rows for c in counters], dtype=torch.float32)
+    return y, one_number(aux, "the balancing loss"), torch.tensor([c.rows for c in counters], dtype=torch.float32)
 
 
 MOE = Task(
