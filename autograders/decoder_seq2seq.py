@@ -134,31 +134,7 @@ GREEDY = Check(
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. causal mask
-
-def _causal_ref(inputs):
-    return nn.Transformer.generate_square_subsequent_mask(inputs["T"]) == 0  # float 0 / -inf -> bool
-
-
-CAUSAL = Check(
-    H.CAUSAL,
-    reference=_causal_ref,
-    tolerance=EXACT,
-    mistakes=(
-        Mistake("upper triangle", lambda T: torch.ones(T, T, dtype=torch.bool).triu(),
-                "your mask lets every position see the future and hides the past: query i may attend to "
-                "keys j <= i, the lower triangle (row = query, column = key)."),
-        Mistake("diagonal excluded", lambda T: torch.ones(T, T, dtype=torch.bool).tril(-1),
-                "a position may attend to itself: keep the diagonal (j <= i, not j < i)."),
-        Mistake("inverted convention", lambda T: torch.ones(T, T, dtype=torch.bool).triu(1),
-                "your mask is True where attention is forbidden (PyTorch's convention for boolean "
-                "masks); here True means 'may attend'."),
-    ),
-)
-
-
-# ---------------------------------------------------------------------------------------------
-# 3. cross attention, against nn.MultiheadAttention with copied weights
+# 2. cross attention, against nn.MultiheadAttention with copied weights
 
 
 def _cross_ref(inputs):
@@ -262,6 +238,126 @@ CROSS = Check(
 
 
 # ---------------------------------------------------------------------------------------------
+# 3. a decoder block, against nn.TransformerDecoderLayer with the same weights
+
+
+def _block_ref(inputs):
+    d, heads, d_ff = inputs["d_model"], inputs["n_heads"], inputs["d_ff"]
+    layer = nn.TransformerDecoderLayer(d, heads, d_ff, dropout=0.0, activation="relu", batch_first=True,
+                                       norm_first=inputs["norm_first"])
+    own = dict(layer.named_parameters())
+    for name, value in inputs["params"].items():
+        own[name.replace("cross_attn.", "multihead_attn.")].copy_(value)
+    for attn in (layer.self_attn, layer.multihead_attn):  # the block's attentions have no bias
+        attn.in_proj_bias.zero_()
+        attn.out_proj.bias.zero_()
+    layer.eval()
+    T = inputs["x"].shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool).triu(1) if inputs["causal"] else None  # PyTorch: True = blocked
+    mask = inputs["memory_mask"]
+    return layer(inputs["x"], inputs["memory"], tgt_mask=causal,
+                 memory_key_padding_mask=None if mask is None else ~mask)
+
+
+def _describe_block(inputs):
+    B, T, d = inputs["x"].shape
+    return (f"B={B}, T={T}, S={inputs['memory'].shape[1]}, d_model={d}, {inputs['n_heads']} heads, "
+            f"d_ff={inputs['d_ff']}, norm_first={inputs['norm_first']}, causal={inputs['causal']}, "
+            f"memory_mask={'given' if inputs['memory_mask'] is not None else None}")
+
+
+class _BlockBase(nn.Module):
+    def __init__(self, d_model, n_heads, d_ff, norm_first=False):
+        super().__init__()
+        self.norm_first = norm_first
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, bias=False, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(d_model, n_heads, bias=False, batch_first=True)
+        self.linear1 = nn.Linear(d_model, d_ff)
+        self.linear2 = nn.Linear(d_ff, d_model)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+
+    def run(self, x, memory, memory_mask, causal, *, self_mask="course", memory_padding="course", order="right",
+            post=None, cross_residual=True, cross_on_self=False, activation=torch.relu, norms=(1, 2, 3)):
+        T = x.shape[1]
+        allowed = torch.ones(T, T, dtype=torch.bool).tril()
+        attn_mask = None
+        if causal and self_mask == "course":
+            attn_mask = ~allowed
+        elif causal and self_mask == "unconverted":
+            attn_mask = allowed
+        pad = None
+        if memory_mask is not None and memory_padding == "course":
+            pad = ~memory_mask
+        elif memory_mask is not None and memory_padding == "unconverted":
+            pad = memory_mask
+        n1, n2, n3 = (getattr(self, f"norm{i}") for i in norms)
+        kv = (lambda h: h) if cross_on_self else (lambda h: memory)
+
+        def sa(h):
+            return self.self_attn(h, h, h, attn_mask=attn_mask, need_weights=False)[0]
+
+        def ca(h):
+            return self.cross_attn(h, kv(h), kv(h), key_padding_mask=None if cross_on_self else pad,
+                                   need_weights=False)[0]
+
+        def ff(h):
+            return self.linear2(activation(self.linear1(h)))
+
+        pre = self.norm_first if post is None else not post
+        if pre:
+            x = x + sa(n1(x))
+            x = x + ca(n2(x)) if cross_residual else ca(n2(x))
+            return x + ff(n3(x))
+        x = n1(x + sa(x))
+        x = n2(x + ca(x)) if cross_residual else n2(ca(x))
+        return n3(x + ff(x))
+
+
+def _block_mistake(**how):
+    class Wrong(_BlockBase):
+        def forward(self, x, memory, memory_mask=None, causal=True):
+            return self.run(x, memory, memory_mask, causal, **how)
+    return Wrong
+
+
+BLOCK = Check(
+    H.BLOCK,
+    reference=_block_ref,
+    tolerance=FP32_MODULE,
+    describe_inputs=_describe_block,
+    mistakes=(
+        Mistake("causal mask not converted", _block_mistake(self_mask="unconverted"),
+                "the result matches passing the course's causal mask (True = may attend) straight to "
+                "nn.MultiheadAttention, which reads True as 'may NOT attend': pass to_torch_mask(causal_mask(T))."),
+        Mistake("no causal mask", _block_mistake(self_mask=None),
+                "the result matches self-attention without the causal mask: with causal=True, position i may "
+                "only attend to positions j <= i."),
+        Mistake("memory mask not converted", _block_mistake(memory_padding="unconverted"),
+                "the result matches passing memory_mask (True = real position) straight as key_padding_mask, "
+                "which PyTorch reads as True = padding: pass to_torch_mask(memory_mask)."),
+        Mistake("memory mask ignored", _block_mistake(memory_padding=None),
+                "padded memory positions got attention weight: pass the memory mask to the cross attention "
+                "(key_padding_mask=to_torch_mask(memory_mask))."),
+        Mistake("norm placement ignored", _block_mistake(post=True),
+                "the result is post-norm although norm_first=True: pre-norm normalises the input of each "
+                "sub-layer, x = x + sublayer(norm(x))."),
+        Mistake("always pre-norm", _block_mistake(post=False),
+                "the result is pre-norm although norm_first=False: post-norm normalises the sum, "
+                "x = norm(x + sublayer(x))."),
+        Mistake("no residual around the cross attention", _block_mistake(cross_residual=False),
+                "the cross attention's output replaced x instead of being added to it: every sub-layer has a "
+                "residual connection."),
+        Mistake("cross attention over the decoder states", _block_mistake(cross_on_self=True),
+                "the second attention attended over the decoder states: its keys and values are `memory`."),
+        Mistake("norms in the wrong places", _block_mistake(norms=(1, 3, 2)),
+                "norm2 belongs to the cross attention and norm3 to the feed-forward network."),
+        Mistake("GELU instead of ReLU", _block_mistake(activation=F.gelu),
+                "the feed-forward network here uses ReLU (nn.TransformerDecoderLayer's default); GELU is GPT's."),
+    ),
+)
+
+
+# ---------------------------------------------------------------------------------------------
 # 4. the seq2seq loss
 
 
@@ -312,7 +408,7 @@ def _loss_always_mean(logits, targets, pad_id, reduction="mean"):
 
 LOSS = Check(
     H.LOSS,
-    reference=_loss_ref,
+    reference=lambda inputs: _loss_ref(inputs).reshape(1),  # the task's call passes one number as 1 element
     tolerance=FP32_LOSS,
     mistakes=(
         Mistake("padding counted", _loss_pad_counted,
@@ -452,10 +548,12 @@ def _beam_reference(inputs):
     kind = inputs.get("_compare_with", "beam")
     clean = {k: v for k, v in inputs.items() if not k.startswith("_")}
     if kind == "brute force":
-        return _beam_best_by_brute_force(clean)
-    if kind == "greedy":
-        return _beam_one_is_greedy(clean)
-    return _beam_ref(**clean)
+        tokens, score = _beam_best_by_brute_force(clean)
+    elif kind == "greedy":
+        tokens, score = _beam_one_is_greedy(clean)
+    else:
+        tokens, score = _beam_ref(**clean)
+    return tokens, score.reshape(1)  # the task's call passes the score as 1 element
 
 
 BEAM = Check(
@@ -480,5 +578,83 @@ BEAM = Check(
 )
 
 
-CHECKS = CheckSet(CHAPTER, [GREEDY, CAUSAL, CROSS, LOSS, BEAM])
+# ---------------------------------------------------------------------------------------------
+# 6. the sampling distribution, against transformers' logits warpers
+
+
+def _filter_ref(inputs):
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    scores = TemperatureLogitsWarper(inputs["temperature"])(None, inputs["logits"].clone())
+    if inputs["top_k"] is not None:
+        scores = TopKLogitsWarper(inputs["top_k"])(None, scores)
+    if inputs["top_p"] is not None:
+        scores = TopPLogitsWarper(inputs["top_p"])(None, scores)
+    return torch.softmax(scores, dim=-1)
+
+
+def _describe_filter(inputs):
+    B, V = inputs["logits"].shape
+    return (f"logits ({B}, {V}), temperature={inputs['temperature']}, top_k={inputs['top_k']}, "
+            f"top_p={inputs['top_p']}")
+
+
+def _top_k(scores, k):
+    kth = scores.topk(min(k, scores.shape[-1]), dim=-1).values[..., -1:]
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
+def _top_p(scores, p, *, include_crossing=True):
+    probs, order = torch.softmax(scores, -1).sort(-1, descending=True)
+    before = probs.cumsum(-1) - probs
+    remove = before >= p if include_crossing else probs.cumsum(-1) > p
+    remove[..., 0] = False
+    return scores.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+
+
+def _filter_wrong(*, multiply=False, p_before_k=False, no_renorm=False, crossing=True, temperature_last=False):
+    def wrong(logits, temperature=1.0, top_k=None, top_p=None):
+        scores = logits * temperature if multiply else (logits if temperature_last else logits / temperature)
+        steps = [("k", top_k), ("p", top_p)]
+        if p_before_k:
+            steps.reverse()
+        for kind, value in steps:
+            if value is None:
+                continue
+            scores = _top_k(scores, value) if kind == "k" else _top_p(scores, value, include_crossing=crossing)
+        if temperature_last:
+            scores = scores / temperature
+        if no_renorm:
+            keep = torch.isfinite(scores)
+            return torch.softmax(logits / temperature, -1) * keep
+        return torch.softmax(scores, -1)
+    return wrong
+
+
+FILTER = Check(
+    H.FILTER,
+    reference=_filter_ref,
+    tolerance=Tolerance(1e-6, 1e-5, "float32 softmax of the same kept logits; which tokens are kept is decided "
+                                    "by comparisons that a correct implementation makes the same way"),
+    describe_inputs=_describe_filter,
+    mistakes=(
+        Mistake("temperature multiplied", _filter_wrong(multiply=True),
+                "the logits are DIVIDED by the temperature: a temperature above 1 flattens the distribution."),
+        Mistake("top-p before top-k", _filter_wrong(p_before_k=True),
+                "with both set, top-k comes first and top-p works on what top-k kept (renormalised), the order "
+                "of transformers' generate."),
+        Mistake("not renormalised", _filter_wrong(no_renorm=True),
+                "the kept probabilities do not sum to 1: take the softmax over the kept tokens only "
+                "(removed tokens' logits set to -inf)."),
+        Mistake("nucleus without the token that crosses p", _filter_wrong(crossing=False),
+                "top-p keeps the smallest set of most probable tokens whose probabilities reach p: the token "
+                "that crosses p is kept (keep a token when the tokens before it add up to less than p)."),
+        Mistake("temperature after filtering", _filter_wrong(temperature_last=True),
+                "the temperature comes first: top-k and top-p choose tokens from the tempered distribution."),
+    ),
+)
+
+
+CHECKS = CheckSet(CHAPTER, [GREEDY, CROSS, BLOCK, LOSS, BEAM, FILTER])
 check = CHECKS.check

@@ -19,8 +19,8 @@ sol = load_solutions(ag.CHAPTER)
 
 
 def test_every_exercise_has_a_check():
-    assert set(ag.CHECKS.checks) == {"greedy_decode", "causal_mask", "CrossAttention", "seq2seq_loss",
-                                     "beam_search"}
+    assert set(ag.CHECKS.checks) == {"greedy_decode", "CrossAttention", "DecoderBlock", "seq2seq_loss",
+                                     "beam_search", "filter_logits"}
 
 
 @pytest.mark.parametrize("name", list(ag.CHECKS.checks))
@@ -28,7 +28,7 @@ def test_solution_passes(name):
     assert_accepts(ag.CHECKS, name, getattr(sol, name))
 
 
-@pytest.mark.parametrize("name", ["greedy_decode", "causal_mask", "seq2seq_loss", "beam_search"])
+@pytest.mark.parametrize("name", ["greedy_decode", "seq2seq_loss", "beam_search", "filter_logits"])
 def test_stub_fails(name):
     text = assert_rejects(ag.CHECKS, name, not_implemented)
     assert "not implemented yet" in text
@@ -39,6 +39,24 @@ def test_stub_module_fails():
         def forward(self, x, memory, memory_mask=None):
             raise NotImplementedError()
     assert "not implemented yet" in assert_rejects(ag.CHECKS, "CrossAttention", Stub)
+
+
+def test_stub_block_fails():
+    class Stub(sol.DecoderBlock):
+        def forward(self, x, memory, memory_mask=None, causal=True):
+            raise NotImplementedError()
+    assert "not implemented yet" in assert_rejects(ag.CHECKS, "DecoderBlock", Stub)
+
+
+def test_masks_follow_the_course_convention():
+    """causal_mask is chapter 2's (True = may attend); to_torch_mask flips it for PyTorch's modules."""
+    assert torch.equal(sol.causal_mask(4), torch.ones(4, 4, dtype=torch.bool).tril())
+    assert torch.equal(sol.to_torch_mask(sol.causal_mask(4)), torch.ones(4, 4, dtype=torch.bool).triu(1))
+    assert torch.equal(sol.from_torch_mask(sol.to_torch_mask(sol.causal_mask(3))), sol.causal_mask(3))
+    float_mask = nn.Transformer.generate_square_subsequent_mask(4)
+    assert torch.equal(sol.to_torch_mask(sol.causal_mask(4)), torch.isinf(float_mask))
+    with pytest.raises(TypeError, match="boolean"):
+        sol.to_torch_mask(torch.ones(2, 2))
 
 
 # --- the references themselves ------------------------------------------------------------------
@@ -123,18 +141,125 @@ def test_greedy_hardcoded_ids_fail_hidden():
     assert not report.passed
 
 
-# --- causal_mask -----------------------------------------------------------------------------------
+# --- DecoderBlock ----------------------------------------------------------------------------------
+
+def _block_forward(self, x, memory, memory_mask=None, causal=True, *, self_mask="course", pad="course",
+                   post=None, residual_cross=True, queries_from_memory=False, no_ffn_residual=False):
+    T = x.shape[1]
+    allowed = sol.causal_mask(T)
+    attn_mask = {"course": sol.to_torch_mask(allowed), "raw": allowed, None: None}[self_mask] if causal else None
+    padding = None
+    if memory_mask is not None:
+        padding = {"course": sol.to_torch_mask(memory_mask), "raw": memory_mask, None: None}[pad]
+    sa = lambda h: self.self_attn(h, h, h, attn_mask=attn_mask, need_weights=False)[0]  # noqa: E731
+    if queries_from_memory:
+        ca = lambda h: h + 0 * self.cross_attn(memory, h, h, need_weights=False)[0].mean()  # noqa: E731
+    else:
+        ca = lambda h: self.cross_attn(h, memory, memory, key_padding_mask=padding, need_weights=False)[0]  # noqa: E731
+    ff = lambda h: self.linear2(torch.relu(self.linear1(h)))  # noqa: E731
+    pre = self.norm_first if post is None else not post
+    if pre:
+        x = x + sa(self.norm1(x))
+        x = (x + ca(self.norm2(x))) if residual_cross else ca(self.norm2(x))
+        return (x + ff(self.norm3(x))) if not no_ffn_residual else ff(self.norm3(x))
+    x = self.norm1(x + sa(x))
+    x = self.norm2(x + ca(x)) if residual_cross else self.norm2(ca(x))
+    return self.norm3(x + ff(x)) if not no_ffn_residual else self.norm3(ff(x))
+
+
+def block_variant(**how):
+    class Variant(sol.DecoderBlock):
+        def forward(self, x, memory, memory_mask=None, causal=True):
+            return _block_forward(self, x, memory, memory_mask, causal, **how)
+    return Variant
+
+
+class BlockAlwaysCausal(sol.DecoderBlock):
+    def forward(self, x, memory, memory_mask=None, causal=True):
+        return super().forward(x, memory, memory_mask, causal=True)
+
+
+class BlockGelu(sol.DecoderBlock):
+    def forward(self, x, memory, memory_mask=None, causal=True):
+        relu = torch.relu
+        torch.relu = F.gelu
+        try:
+            return super().forward(x, memory, memory_mask, causal)
+        finally:
+            torch.relu = relu
+
 
 @pytest.mark.parametrize("wrong, hint", [
-    (lambda T: torch.ones(T, T, dtype=torch.bool).triu(), "lower triangle"),
-    (lambda T: torch.ones(T, T, dtype=torch.bool).tril(-1), "attend to itself"),
-    (lambda T: torch.ones(T, T, dtype=torch.bool).triu(1), "forbidden"),
-    (lambda T: nn.Transformer.generate_square_subsequent_mask(T), "bool tensor"),
-    (lambda T: torch.ones(T, T).tril(), "bool tensor"),
-    (lambda T: torch.ones(T, T, dtype=torch.bool), None),
+    (block_variant(self_mask="raw"), "to_torch_mask(causal_mask(T))"),
+    (block_variant(self_mask=None), "without the causal mask"),
+    (block_variant(pad="raw"), "to_torch_mask(memory_mask)"),
+    (block_variant(pad=None), "padded memory positions"),
+    (block_variant(post=True), "although norm_first=True"),
+    (block_variant(post=False), "although norm_first=False"),
+    (block_variant(residual_cross=False), "residual connection"),
+    (BlockGelu, "ReLU"),
+    (block_variant(no_ffn_residual=True), None),
+    (block_variant(queries_from_memory=True), None),
+    (BlockAlwaysCausal, None),
 ])
-def test_causal_rejects(wrong, hint):
-    assert_rejects(ag.CHECKS, "causal_mask", wrong, hint)
+def test_block_rejects(wrong, hint):
+    assert_rejects(ag.CHECKS, "DecoderBlock", wrong, hint)
+
+
+class BlockByTorchLayer(sol.DecoderBlock):  # right numbers, from the library layer the check compares with
+    def forward(self, x, memory, memory_mask=None, causal=True):
+        layer = nn.TransformerDecoderLayer(x.shape[-1], self.self_attn.num_heads, self.linear1.out_features,
+                                           dropout=0.0, batch_first=True, norm_first=self.norm_first).eval()
+        own = dict(self.named_parameters())
+        for name, p in layer.named_parameters():
+            key = name.replace("multihead_attn.", "cross_attn.")
+            p.data.copy_(own[key] if key in own else torch.zeros_like(p))
+        T = x.shape[1]
+        mask = sol.to_torch_mask(sol.causal_mask(T)) if causal else None
+        padding = None if memory_mask is None else sol.to_torch_mask(memory_mask)
+        return layer(x, memory, tgt_mask=mask, memory_key_padding_mask=padding)
+
+
+class BlockHoldingTorchLayer(sol.DecoderBlock):
+    def __init__(self, d_model, n_heads, d_ff, norm_first=False):
+        super().__init__(d_model, n_heads, d_ff, norm_first)
+        self.spare = nn.TransformerDecoderLayer(d_model, n_heads, d_ff, batch_first=True)
+
+
+@pytest.mark.parametrize("wrong", [BlockByTorchLayer, BlockHoldingTorchLayer])
+def test_block_with_the_library_layer_is_rejected_by_its_rule(wrong):
+    text = assert_rejects(ag.CHECKS, "DecoderBlock", wrong)
+    assert "broke a rule of the exercise: build the block from the given sub-modules" in text
+    assert "TransformerDecoderLayer" in text
+    assert nn.TransformerDecoderLayer.forward is ag.H._LIBRARY_FORWARD[nn.TransformerDecoderLayer]
+
+
+def test_block_renamed_parameter_is_explained():
+    class Renamed(nn.Module):
+        def __init__(self, d_model, n_heads, d_ff, norm_first=False):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(d_model, n_heads, bias=False, batch_first=True)
+
+        def forward(self, x, memory, memory_mask=None, causal=True):
+            return x
+    assert_rejects(ag.CHECKS, "DecoderBlock", Renamed, "keep the given __init__")
+
+
+def test_solution_block_trains_like_the_library_layer():
+    """The block the model is built from computes what nn.TransformerDecoderLayer computes."""
+    torch.manual_seed(0)
+    block = sol.DecoderBlock(16, 4, 32).eval()
+    layer = nn.TransformerDecoderLayer(16, 4, 32, dropout=0.0, batch_first=True).eval()
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            key = name.replace("multihead_attn.", "cross_attn.")
+            own = dict(block.named_parameters())
+            p.copy_(own[key] if key in own else torch.zeros_like(p))
+        x, memory = torch.randn(2, 5, 16), torch.randn(2, 3, 16)
+        real = torch.tensor([[True, True, False], [True, True, True]])
+        expected = layer(x, memory, tgt_mask=sol.to_torch_mask(sol.causal_mask(5)),
+                         memory_key_padding_mask=sol.to_torch_mask(real))
+        torch.testing.assert_close(block(x, memory, real), expected, atol=1e-5, rtol=1e-5)
 
 
 # --- CrossAttention ------------------------------------------------------------------------------
@@ -289,3 +414,79 @@ def beam_probability_not_log(next_log_probs, beam_size, max_len, bos_id=BOS, eos
 ])
 def test_beam_rejects(wrong, hint):
     assert_rejects(ag.CHECKS, "beam_search", wrong, hint)
+
+
+# --- filter_logits -------------------------------------------------------------------------------
+
+def filter_temperature_times(logits, temperature=1.0, top_k=None, top_p=None):
+    return sol.filter_logits(logits * temperature * temperature, temperature, top_k, top_p)
+
+
+def filter_p_then_k(logits, temperature=1.0, top_k=None, top_p=None):
+    probs = sol.filter_logits(logits, temperature, None, top_p)
+    return sol.filter_logits(probs.log(), 1.0, top_k, None) if top_k is not None else probs
+
+
+def filter_not_renormalised(logits, temperature=1.0, top_k=None, top_p=None):
+    kept = sol.filter_logits(logits, temperature, top_k, top_p) > 0
+    return torch.softmax(logits / temperature, -1) * kept
+
+
+def filter_strict_nucleus(logits, temperature=1.0, top_k=None, top_p=None):
+    return ag._filter_wrong(crossing=False)(logits, temperature, top_k, top_p)
+
+
+def filter_logits_returned(logits, temperature=1.0, top_k=None, top_p=None):  # log-probabilities, not probabilities
+    return sol.filter_logits(logits, temperature, top_k, top_p).log()
+
+
+def filter_top_k_off_by_one(logits, temperature=1.0, top_k=None, top_p=None):
+    return sol.filter_logits(logits, temperature, None if top_k is None else top_k + 1, top_p)
+
+
+def filter_top_p_on_raw_logits(logits, temperature=1.0, top_k=None, top_p=None):
+    keep = sol.filter_logits(logits, 1.0, top_k, top_p) > 0  # the nucleus chosen before the temperature
+    return torch.softmax((logits / temperature).masked_fill(~keep, float("-inf")), -1)
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (filter_temperature_times, "DIVIDED"),
+    (filter_p_then_k, "top-k comes first"),
+    (filter_not_renormalised, "do not sum to 1"),
+    (filter_strict_nucleus, "crosses p"),
+    (filter_top_p_on_raw_logits, "temperature comes first"),
+    (filter_logits_returned, None),
+    (filter_top_k_off_by_one, None),
+])
+def test_filter_rejects(wrong, hint):
+    assert_rejects(ag.CHECKS, "filter_logits", wrong, hint)
+
+
+def test_filter_bad_arguments_are_errors():
+    logits = torch.zeros(1, 4)
+    for kwargs in ({"temperature": 0.0}, {"top_k": 0}, {"top_p": 0.0}, {"top_p": 1.5}):
+        with pytest.raises(ValueError):
+            sol.filter_logits(logits, **kwargs)
+
+
+def _notebook_function(name):
+    """A function defined in a code cell after the last exercise (the grader does not run those cells)."""
+    import nbformat
+
+    from autograders.engine.core import defines
+    from notebook_code import ROOT
+    nb = nbformat.read(next((ROOT / "solutions" / ag.CHAPTER).glob("*.ipynb")), as_version=4)
+    source = next(c.source for c in nb.cells if c.cell_type == "code" and defines(c.source, [name]))
+    namespace = dict(vars(sol))
+    exec(compile(source.split("\n\n\nlogits =")[0], f"<{name}>", "exec"), namespace)
+    return namespace[name]
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    sample_decode = _notebook_function("sample_decode")
+    scorer = TinyScorer(6, 5, batch_size=4, generator=torch.Generator().manual_seed(0))
+    a = sample_decode(scorer, 4, 5, torch.Generator().manual_seed(1), temperature=1.2, top_p=0.9)
+    b = sample_decode(scorer, 4, 5, torch.Generator().manual_seed(1), temperature=1.2, top_p=0.9)
+    assert torch.equal(a, b)
+    greedy, _ = sol.greedy_decode(scorer, 4, 5)
+    assert torch.equal(sample_decode(scorer, 4, 5, torch.Generator().manual_seed(2), top_k=1), greedy)
