@@ -65,3 +65,74 @@ def test_random_model_is_untrained_and_reproducible():
     state = torch.random.get_rng_state()
     minilm.random_model(seed=2)
     assert torch.equal(state, torch.random.get_rng_state()), "random_model must not disturb the global RNG"
+
+
+# --- coursekit.matching ---------------------------------------------------------------------------
+
+from coursekit import matching  # noqa: E402
+
+
+def test_events_split_and_realise():
+    import random
+
+    rng = random.Random(0)
+    splits = [matching.random_event(rng).split for _ in range(2000)]
+    assert 0.15 < splits.count("test") / len(splits) < 0.25
+    event = matching.Event("doctor", "help", "lawyer", "monday")
+    active = matching.Surface(0, 0, 0, 0, passive=False, time_first=False)
+    passive = matching.Surface(1, 1, 1, 1, passive=True, time_first=True)
+    assert matching.realise(event, active) == "the doctor helped the lawyer on monday"
+    assert matching.realise(event, passive) == "at the start of the week the attorney was assisted by the physician"
+    with pytest.raises(ValueError, match="must differ"):
+        matching.Event("doctor", "help", "doctor", "monday")
+    with pytest.raises(ValueError, match="unknown action"):
+        matching.Event("doctor", "fly", "lawyer", "monday")
+
+
+def test_triplets_are_paraphrases_and_near_misses():
+    for t in matching.triplets(300, "train", seed=1):
+        assert t.event.split == "train"
+        assert t.positive != t.anchor
+        assert t.kind in matching.HARD_NEGATIVE_KINDS
+    swaps = [t for t in matching.triplets(300, "test", seed=2) if t.kind == "swap roles"]
+    assert swaps and all(t.event.split == "test" for t in swaps)
+    # a role swap said with the same choices has exactly the same words
+    event = matching.Event("chef", "pay", "pilot", "night")
+    surface = matching.Surface(0, 0, 0, 0, False, False)
+    swapped = matching.perturb(event, "swap roles", None)
+    assert sorted(matching.realise(event, surface).split()) == sorted(matching.realise(swapped, surface).split())
+
+
+def test_word_overlap_does_not_solve_the_task():
+    a, b, y = matching.labelled_pairs(2000, "test", seed=0)
+    assert y.float().mean() == 0.5
+    overlap = torch.tensor([matching.word_overlap(x, z) for x, z in zip(a, b)])
+    best = max(max(((overlap >= t).long() == y).float().mean().item(),
+                   ((overlap < t).long() == y).float().mean().item()) for t in overlap.unique())
+    assert best < 0.62, best
+
+
+def test_retrieval_set_has_one_answer_per_query():
+    r = matching.retrieval_set(20, 500, negatives_per_query=5, seed=3)
+    assert len(r.candidates) == 500 and len(r.queries) == 20
+    assert len(set(r.answers.tolist())) == 20
+    with pytest.raises(ValueError, match="n_candidates"):
+        matching.retrieval_set(20, 100, negatives_per_query=5)
+
+
+def test_vocab_and_tower():
+    vocab = matching.Vocab()
+    assert vocab.words[:3] == list(matching.SPECIALS)
+    ids, mask = vocab.batch(["the doctor helped the lawyer", "the kid rang the cook on monday"])
+    assert ids.shape == mask.shape == (2, 7) and mask[0].sum() == 5 and ids[0, 5] == matching.PAD
+    assert vocab.decode(ids[0]) == "the doctor helped the lawyer"
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        vocab.encode("the doctor flew")
+    tower = matching.TokenEncoder(len(vocab), matching.encoder_config(16, 1, 2), max_len=8)
+    out = tower(ids, mask)
+    assert out.shape == (2, 7, 16)
+    # padding is invisible to the real tokens
+    longer = torch.cat([ids, torch.zeros(2, 1, dtype=torch.long)], 1)
+    torch.testing.assert_close(tower(longer, (longer != 0).long())[:, :7][mask.bool()], out[mask.bool()])
+    with pytest.raises(ValueError, match="max_len"):
+        tower(torch.ones(1, 9, dtype=torch.long), torch.ones(1, 9, dtype=torch.long))
