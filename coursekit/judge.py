@@ -55,7 +55,7 @@ def gaussian_fit(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.nd
     f = features.detach().cpu().double().numpy() if isinstance(features, torch.Tensor) else np.asarray(features, np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
         raise ValueError(f"gaussian_fit needs an (N, d) array with N >= 2, got shape {f.shape}")
-    return f.mean(axis=0), np.cov(f, rowvar=False)
+    return f.mean(axis=0), np.atleast_2d(np.cov(f, rowvar=False))
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CrossAttention", "ResBlock", "TinyUNet", "timestep_embedding"]
+__all__ = ["CaptionEncoder", "CrossAttention", "ResBlock", "TinyUNet", "timestep_embedding"]
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -102,14 +102,15 @@ class TinyUNet(nn.Module):
     """A small U-Net ``eps = net(x_t, t, labels=None, context=None)``.
 
     ``channels[i]`` is the width at level ``i`` (level 0 at full resolution; every further level halves
-    the size), ``attention[i]`` whether level ``i`` and the middle have (cross-)attention. ``num_classes``
+    the size), ``attention[i]`` whether level ``i`` has (cross-)attention and ``mid_attention`` whether the
+    middle block has (default: as the last level). ``num_classes``
     adds a label embedding (index ``num_classes`` = unconditional); ``context_dim`` makes the attention
     layers cross-attend to a ``(B, L, context_dim)`` context (with an optional ``(B, L)`` boolean
     ``context_mask``, True where a token may be attended to)."""
 
     def __init__(self, in_channels: int = 1, channels: Sequence[int] = (32, 64), attention: Sequence[bool] | None = None,
                  num_classes: int | None = None, context_dim: int | None = None, emb_dim: int | None = None,
-                 out_channels: int | None = None, heads: int = 4):
+                 out_channels: int | None = None, heads: int = 4, mid_attention: bool | None = None):
         super().__init__()
         channels = tuple(channels)
         if not channels:
@@ -134,7 +135,8 @@ class TinyUNet(nn.Module):
             self.downsamples.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1) if i < len(channels) - 1 else nn.Identity())
             prev = ch
         self.mid_block = ResBlock(prev, prev, emb_dim)
-        self.mid_attn = attn(prev) if attention[-1] else nn.Identity()
+        mid_attention = attention[-1] if mid_attention is None else mid_attention
+        self.mid_attn = attn(prev) if mid_attention else nn.Identity()
         self.up_blocks, self.up_attn, self.upsamples = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for i in reversed(range(len(channels))):
             ch = channels[i]
@@ -182,3 +184,36 @@ class TinyUNet(nn.Module):
             h = self._attend(attn, block(torch.cat([h, skips.pop()], dim=1), emb), context, context_mask)
             h = up(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class CaptionEncoder(nn.Module):
+    """A small text encoder for cross-attention: token embeddings plus learned positions, a LayerNorm, and a
+    learned start token in front (like CLIP's ``<|startoftext|>``), so that even an empty caption -- every
+    token masked out, the "no condition" of classifier-free guidance -- leaves one vector to attend to.
+
+    ``forward(ids, key_mask)`` takes ``(B, L)`` token ids and a ``(B, L)`` mask (True at real tokens, the
+    course's convention) and returns ``(context, context_mask)`` of shapes ``(B, 1 + L, dim)`` and
+    ``(B, 1 + L)``; ``pooled(context, context_mask)`` is the masked mean ``(B, dim)``."""
+
+    def __init__(self, vocab_size: int, dim: int = 32, max_len: int = 12):
+        super().__init__()
+        self.max_len = max_len
+        self.token = nn.Embedding(vocab_size, dim)
+        self.position = nn.Parameter(torch.randn(1 + max_len, dim) * 0.02)
+        self.start = nn.Parameter(torch.randn(dim) * 0.02)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, ids: torch.Tensor, key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if ids.ndim != 2 or key_mask.shape != ids.shape or ids.shape[1] > self.max_len:
+            raise ValueError(f"expected ids and key_mask of shape (B, L) with L <= {self.max_len}, got "
+                             f"{tuple(ids.shape)} and {tuple(key_mask.shape)}")
+        b = ids.shape[0]
+        x = torch.cat([self.start.expand(b, 1, -1), self.token(ids)], dim=1)
+        x = self.norm(x + self.position[: x.shape[1]])
+        mask = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=ids.device), key_mask.bool()], dim=1)
+        return x, mask
+
+    @staticmethod
+    def pooled(context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+        m = context_mask.unsqueeze(-1).to(context.dtype)
+        return (context * m).sum(1) / m.sum(1).clamp(min=1.0)

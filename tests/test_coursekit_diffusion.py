@@ -13,7 +13,7 @@ import torch
 
 from coursekit import diffusion as D
 from coursekit.judge import frechet_distance, gaussian_fit, get_judge
-from coursekit.unet import CrossAttention, TinyUNet, timestep_embedding
+from coursekit.unet import CaptionEncoder, CrossAttention, TinyUNet, timestep_embedding
 
 
 def _diffusers(name, **config):
@@ -308,3 +308,63 @@ def test_judge_is_cached_accurate_and_leaves_the_rng_alone():
         judge.predict(torch.zeros(2, 1, 16, 16))
     with pytest.raises(ValueError, match="one label per image"):
         judge.accuracy(test.images[:3], test.labels[:2])
+
+
+# --- the VAE and the caption encoder -----------------------------------------------------------------------
+
+def test_vae_posterior_equals_diffusers():
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from coursekit.vae import gaussian_kl, reparameterize
+
+    g = torch.Generator().manual_seed(0)
+    mean, logvar = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g) * 20
+    posterior = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1))
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(reparameterize(mean, logvar, noise), posterior.sample(torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(gaussian_kl(mean, logvar), posterior.kl())
+
+
+def test_tiny_vae_shapes_training_and_cache():
+    from coursekit.vae import TinyVAE, get_vae, train_vae, vae_loss
+
+    vae = TinyVAE()
+    mean, logvar = vae.encode(torch.zeros(5, 1, 8, 8))
+    assert mean.shape == logvar.shape == (5, 4, 2, 2)
+    assert vae.decode(mean).shape == (5, 1, 8, 8)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        vae.encode(torch.zeros(2, 1, 6, 6))
+    with pytest.raises(ValueError, match="latents"):
+        vae.decode(torch.zeros(2, 3, 2, 2))
+    x = torch.zeros(2, 1, 8, 8)
+    assert vae_loss(x, x, torch.zeros(2, 4, 2, 2), torch.zeros(2, 4, 2, 2), 1.0).item() == 0.0
+    short = train_vae(steps=60)
+    assert short.scale > 0 and short.encode(torch.zeros(2, 1, 8, 8)).shape == (2, 4, 2, 2)
+    assert short.decode(torch.zeros(2, 4, 2, 2)).abs().max() <= 1.0
+    torch.manual_seed(5)
+    expected = torch.rand(1)
+    torch.manual_seed(5)
+    cached = get_vae(verbose=False, steps=40)
+    assert torch.equal(torch.rand(1), expected), "get_vae must not consume the caller's random numbers"
+    assert get_vae(verbose=False, steps=40) is cached
+
+
+def test_caption_encoder_keeps_a_start_token():
+    enc = CaptionEncoder(vocab_size=10, dim=8, max_len=4)
+    ids = torch.tensor([[3, 4, 0, 0], [0, 0, 0, 0]])
+    context, mask = enc(ids, ids != 0)
+    assert context.shape == (2, 5, 8) and mask.tolist() == [[True, True, True, False, False], [True] + [False] * 4]
+    attn = CrossAttention(8, context_dim=8, heads=2)
+    torch.nn.init.normal_(attn.to_out.weight)
+    out = attn(torch.randn(2, 8, 2, 2), context, mask)          # the empty caption: only the start token
+    assert torch.isfinite(out).all()
+    assert CaptionEncoder.pooled(context, mask).shape == (2, 8)
+    with pytest.raises(ValueError, match="L <= 4"):
+        enc(torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 5, dtype=torch.bool))
+
+
+def test_mid_attention_only():
+    net = TinyUNet(4, (32,), attention=(False,), mid_attention=True, context_dim=8)
+    assert sum(isinstance(m, CrossAttention) for m in net.modules()) == 1
+    net = TinyUNet(4, (32,), attention=(True,), context_dim=8)
+    assert sum(isinstance(m, CrossAttention) for m in net.modules()) == 3
