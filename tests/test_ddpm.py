@@ -429,3 +429,14 @@ def test_ddpm_sample_is_graded_with_the_given_step():
          "        x, _ = ddpm_step(eps, t, x, noise, alphas_cumprod, prev_t, clip_sample)\n"
          "    return x\n", namespace)
     assert_accepts(ag.CHECKS, "ddpm_sample", namespace["ddpm_sample"])
+
+
+def test_the_solution_says_what_is_wrong_with_bad_inputs():
+    abar = H.linear_alphas_cumprod(100)
+    x = torch.zeros(3, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"t of shape \(B,\)"):
+        sol.q_sample(x, torch.tensor(5), x, abar)
+    with pytest.raises(ValueError, match="prev_t < t"):
+        sol.ddpm_step(x, 10, x, x, abar, 10)
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        sol.ddpm_sample(lambda a, b: a, (1, 1, 2, 2), abar, torch.tensor([0, 10]), torch.Generator())

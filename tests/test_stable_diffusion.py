@@ -283,3 +283,15 @@ def test_fid_other_correct_forms_pass():
 ])
 def test_fid_rejects(wrong, hint):
     assert_rejects(ag.CHECKS, "frechet_distance", wrong, hint)
+
+
+def test_the_solution_says_what_is_wrong_with_bad_inputs():
+    z = torch.zeros(2, 4, 2, 2)
+    with pytest.raises(ValueError, match="one shape"):
+        sol.reparameterize(z, z[:, :3], z)
+    with pytest.raises(ValueError, match="must match"):
+        sol.vae_loss(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 4, 4), z, z, 0.1)
+    with pytest.raises(ValueError, match="one shape"):
+        sol.cfg_combine(z, z[:, :3], 2.0)
+    with pytest.raises(ValueError, match="same d"):
+        sol.frechet_distance(torch.zeros(5, 3), torch.zeros(5, 4))
