@@ -285,30 +285,54 @@ def ema_model(model: nn.Module, decay: float = 0.99) -> torch.optim.swa_utils.Av
     return ema
 
 
+class _DisplayStream:
+    """A file for tqdm that shows its latest line in one notebook output (no widget): the output is
+    updated in place while the bar runs and keeps the bar's last state, so a notebook executed headless
+    (tests, the book) stores one readable line and no widget state."""
+
+    def __init__(self):
+        from IPython.display import display
+
+        self.handle = display({"text/plain": ""}, raw=True, display_id=True)
+        self.text = ""
+
+    def write(self, s: str) -> int:
+        line = s.replace("\r", "").strip()
+        if line and line != self.text:
+            self.text = line
+            self.handle.update({"text/plain": line}, raw=True)
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+def _in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
 @contextmanager
 def progress(iterable=None, total: int | None = None, desc: str = "") -> Iterator:
-    """A ``tqdm.auto`` bar (``bar.set_postfix(loss=...)``) for loops that may stop before ``total``
-    (a time budget). When it closes, the notebook widget is replaced by the bar's final text, so a
-    notebook executed headless (tests, the book) keeps a readable last state instead of a frozen "0%"."""
-    from tqdm.auto import tqdm
-    from tqdm.notebook import tqdm as notebook_tqdm
+    """A tqdm progress bar (``bar.update()``, ``bar.set_postfix(loss=...)``) for loops that may stop before
+    ``total`` (a time budget: the total then shrinks to the steps done, which is not an error). In a
+    notebook it is one text output updated in place (no widget), so that a notebook executed headless
+    keeps the bar's last line; elsewhere it writes to stderr as usual."""
+    from tqdm.std import tqdm
 
-    notebook = issubclass(tqdm, notebook_tqdm)
-    bar = tqdm(iterable, total=total, desc=desc, mininterval=0.5, **({"display": False} if notebook else {}))
-    handle = None
-    if notebook:
-        from IPython.display import display
-        handle = display(bar.container, display_id=True)
+    stream = _DisplayStream() if _in_notebook() else None
+    bar = tqdm(iterable, total=total, desc=desc, mininterval=0.5, file=stream, ascii=False)
     try:
         yield bar
     finally:
         if bar.total is not None and bar.n < bar.total:
-            bar.total = bar.n  # stopped early on purpose (a time budget): not an error
-        text = str(bar)
+            bar.total = bar.n
+        bar.refresh()
         bar.close()
-        if handle is not None:
-            from IPython.display import Pretty
-            handle.update(Pretty(text))
 
 
 # ---------------------------------------------------------------------------------------------

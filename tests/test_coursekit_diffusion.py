@@ -368,3 +368,25 @@ def test_mid_attention_only():
     assert sum(isinstance(m, CrossAttention) for m in net.modules()) == 1
     net = TinyUNet(4, (32,), attention=(True,), context_dim=8)
     assert sum(isinstance(m, CrossAttention) for m in net.modules()) == 3
+
+
+def test_progress_bar_in_a_notebook_keeps_its_last_line_and_no_widget():
+    """Executed headless (tests, the book), the bar leaves one text line and no widget state (the book
+    would otherwise load the widget manager from a CDN)."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
+    nb.cells.append(nbformat.v4.new_code_cell(
+        "from coursekit.diffusion import progress\n"
+        "with progress(total=50, desc='training') as bar:\n"
+        "    for i in range(20):\n"
+        "        bar.update()\n"
+        "        bar.set_postfix(loss=0.5)\n"))
+    NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+    outputs = nb.cells[0].outputs
+    assert "widgets" not in nb.metadata
+    assert len(outputs) == 1 and outputs[0].output_type == "display_data"
+    text = outputs[0].data["text/plain"]
+    assert text.startswith("training: 100%") and "20/20" in text and "loss=0.5" in text
