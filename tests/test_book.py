@@ -11,11 +11,20 @@ import nbformat
 import pytest
 import yaml
 
+import importlib.util
+
 from course import ROOT, chapter_names, notebook_of, SOLUTIONS
 
 pytestmark = pytest.mark.slow
-sys.path.insert(0, str(ROOT / "tools"))
-import build_book  # noqa: E402
+def _load_tool(name: str):
+    """A script of tools/, loaded by path (tools/ on sys.path would shadow packages such as hub/)."""
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_book = _load_tool("build_book")
 
 
 def toc_files() -> list[str]:

@@ -14,11 +14,20 @@ import urllib.request
 import nbformat
 import pytest
 
+import importlib.util
+
 from course import CHAPTERS, ROOT, SOLUTIONS, notebook_of
 from test_roundtrip import solved
 
-sys.path.insert(0, str(ROOT / "tools"))
-import workspace  # noqa: E402
+def _load_tool(name: str):
+    """A script of tools/, loaded by path (tools/ on sys.path would shadow packages such as hub/)."""
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+workspace = _load_tool("workspace")
 
 
 def test_work_folder_is_created_once_and_never_overwritten(tmp_path):
