@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from autograders import mixture_of_experts as ag
-from checks_support import assert_accepts, assert_rejects
+from checks_support import assert_graded_on_its_own, assert_accepts, assert_rejects
 from notebook_code import load_solutions, not_implemented
 
 sol = load_solutions(ag.CHAPTER)  # includes the notebook's given Expert class
@@ -316,18 +316,8 @@ def test_moe_rejects_bad_k():
 
 
 def _passes_only_with_the_given_versions(name, wrong, monkeypatch):
-    """Put wrong earlier functions where the notebook's own code looks them up, then check `name`: it
-    passes with the given versions of those functions, and fails without them."""
-    from autograders.engine.core import evaluate, judge, produce
-    check = ag.CHECKS[name]
-    namespace = sol.keep_top_k.__globals__  # the namespace the notebook's cells ran in
-    for earlier, impl in wrong.items():
-        assert earlier in check.task.uses, (name, earlier)
-        monkeypatch.setitem(namespace, earlier, impl)
-    report = evaluate(check, namespace[name], seed=0, namespace=namespace)
-    assert report.passed, report.summary()
-    alone = judge(check, produce(check.task, namespace[name], 0, None, given={}, namespace=namespace), 0, None)
-    assert not alone.passed, "the wrong earlier functions should have failed this exercise without the given ones"
+    # sol.keep_top_k.__globals__: the namespace the notebook's cells ran in
+    assert_graded_on_its_own(ag.CHECKS, name, sol.keep_top_k.__globals__, wrong, monkeypatch)
 
 
 # --- later exercises get correct keep_top_k, cv_squared, importance_loss, smooth_load ----------------

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from autograders import multihead_attention as ag
-from checks_support import assert_accepts, assert_rejects
+from checks_support import assert_graded_on_its_own, assert_accepts, assert_rejects
 from notebook_code import load_solutions, not_implemented
 
 sol = load_solutions(ag.CHAPTER)  # includes the notebook's given attention() helper
@@ -379,18 +379,8 @@ def test_stacked_footprint_hidden_cases_name_the_mistake(wrong, hint):
 
 
 def _passes_only_with_the_given_versions(name, wrong, monkeypatch):
-    """Put wrong earlier functions where the notebook's own code looks them up, then check `name`: it
-    passes with the given versions of those functions, and fails without them."""
-    from autograders.engine.core import evaluate, judge, produce
-    check = ag.CHECKS[name]
-    namespace = sol.split_heads.__globals__  # the namespace the notebook's cells ran in
-    for earlier, impl in wrong.items():
-        assert earlier in check.task.uses, (name, earlier)
-        monkeypatch.setitem(namespace, earlier, impl)
-    report = evaluate(check, namespace[name], seed=0, namespace=namespace)
-    assert report.passed, report.summary()
-    alone = judge(check, produce(check.task, namespace[name], 0, None, given={}, namespace=namespace), 0, None)
-    assert not alone.passed, "the wrong earlier functions should have failed this exercise without the given ones"
+    # sol.split_heads.__globals__: the namespace the notebook's cells ran in
+    assert_graded_on_its_own(ag.CHECKS, name, sol.split_heads.__globals__, wrong, monkeypatch)
 
 
 # --- MultiHeadAttention gets correct split_heads / merge_heads -----------------------------------
