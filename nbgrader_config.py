@@ -23,10 +23,11 @@ c.ExecutePreprocessor.interrupt_on_timeout = True
 # changed" warning per cell (other changes are still reported); see autograders/engine/nbgrader_ext.py.
 from nbgrader.preprocessors import CheckCellMetadata, ClearOutput, DeduplicateIds, OverwriteKernelspec  # noqa: E402
 
-from autograders.engine.nbgrader_ext import OverwriteCellsQuietly  # noqa: E402
+from autograders.engine.nbgrader_ext import OverwriteCellsQuietly, SkipDemoCells  # noqa: E402
 
+# Cells tagged skip-in-grading (training runs, timing demos) are not run, as in `make grade`.
 c.Autograde.sanitize_preprocessors = [ClearOutput, DeduplicateIds, OverwriteKernelspec, OverwriteCellsQuietly,
-                                      CheckCellMetadata]
+                                      SkipDemoCells, CheckCellMetadata]
 
 # `nbgrader generate_feedback` pages render math offline: MathJax is inlined from the pinned wheel.
 from autograders.engine.nbgrader_ext import feedback_template_dirs  # noqa: E402

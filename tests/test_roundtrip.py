@@ -13,6 +13,7 @@ import nbformat
 import pytest
 from nbgrader.api import Gradebook
 
+from autograders.engine.nbgrader_ext import SKIP_TAG, SKIPPED, SkipDemoCells
 from course import ROOT, SOLUTIONS, chapter_names, nbgrader, notebook_of
 
 pytestmark = pytest.mark.slow
@@ -61,6 +62,9 @@ def test_roundtrip(chapter, tmp_path):
         for student in submissions:
             nb = gb.find_submission_notebook(name.removesuffix(".ipynb"), chapter, student)
             scores[student] = {g.name: (g.score, g.max_score) for g in nb.grades}
+    autograded = nbformat.read(tmp_path / "autograded" / "alice" / chapter / name, as_version=4)
+    demos = [c for c in autograded.cells if SKIP_TAG in c.metadata.get("tags", [])]
+    assert all(c.source == SKIPPED and not c.outputs for c in demos), "a skip-in-grading cell was run"
     graded = scores["alice"]
     assert graded, "no graded cells were found"
     wrong_alice = {k: v for k, v in graded.items() if v[0] != v[1]}
@@ -77,3 +81,18 @@ def test_roundtrip(chapter, tmp_path):
         rows = {r["student_id"]: r for r in csv.DictReader(f)}
     assert float(rows["alice"]["score"]) == float(rows["alice"]["max_score"]) > 0
     assert float(rows["bob"]["score"]) == 0
+
+
+def test_nbgrader_skips_only_plain_demo_cells():
+    """A skip-in-grading tag on a cell nbgrader grades (or a solution cell) does not skip it."""
+    from nbformat.v4 import new_code_cell
+
+    demo = new_code_cell("train()", metadata={"tags": [SKIP_TAG]})
+    test = new_code_cell("check()", metadata={"tags": [SKIP_TAG], "nbgrader": {
+        "grade": True, "solution": False, "locked": True, "grade_id": "t", "points": 1, "schema_version": 3}})
+    answer = new_code_cell("def f(): ...", metadata={"tags": [SKIP_TAG], "nbgrader": {
+        "grade": False, "solution": True, "locked": False, "grade_id": "s", "schema_version": 3}})
+    plain = new_code_cell("x = 1")
+    skip = SkipDemoCells()
+    out = [skip.preprocess_cell(c, {}, i)[0].source for i, c in enumerate([demo, test, answer, plain])]
+    assert out == [SKIPPED, "check()", "def f(): ...", "x = 1"]

@@ -5,13 +5,20 @@
 every cell that had hidden tests -- on every correct, untouched submission. This version restores
 the hidden tests silently when the submitted cell is exactly the released one, and still reports (and
 overwrites) any other change.
+
+:class:`SkipDemoCells`: cells tagged ``skip-in-grading`` (training runs, timing demos that no check
+needs) are not run by ``nbgrader autograde`` either, as in ``make grade``: a class is graded in seconds
+per student, not a minute.
 """
 
 from __future__ import annotations
 
 from nbgrader import utils
 from nbgrader.api import MissingEntry
-from nbgrader.preprocessors import ClearHiddenTests, OverwriteCells
+from nbgrader.preprocessors import ClearHiddenTests, NbGraderPreprocessor, OverwriteCells
+
+SKIP_TAG = "skip-in-grading"
+SKIPPED = "# not run by the grader: this cell is tagged skip-in-grading (a training run or demo no check needs)"
 
 
 class OverwriteCellsQuietly(OverwriteCells):
@@ -27,6 +34,19 @@ class OverwriteCellsQuietly(OverwriteCells):
                 if released is not None and released.strip() == cell.source.strip():
                     cell.source = source_cell.source  # exactly what the release removed: put it back
         return super().preprocess_cell(cell, resources, cell_index)
+
+
+class SkipDemoCells(NbGraderPreprocessor):
+    """Blank the code of plain cells tagged ``skip-in-grading``. Cells nbgrader knows (graded, solution or
+    locked) always run, whatever their tags, so a tag added to a test cell cannot skip its tests."""
+
+    def preprocess_cell(self, cell, resources, cell_index):
+        if (cell.cell_type == "code" and SKIP_TAG in cell.metadata.get("tags", [])
+                and not utils.is_grade(cell) and not utils.is_solution(cell) and not utils.is_locked(cell)):
+            cell.source = SKIPPED
+            cell.outputs = []
+            cell.execution_count = None
+        return cell, resources
 
 
 def _without_hidden_tests(source: str) -> str | None:
