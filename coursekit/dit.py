@@ -7,8 +7,8 @@ Transformers", 2023), cut down to what chapter 15 (Sora) needs and extended from
   ``pf x ph x pw`` (frames x pixels x pixels), each flattened and linearly embedded: the tokens are
   ``(B, N, hidden)`` with ``N = F/pf * H/ph * W/pw``. The rearrangement is the one vit-pytorch's ``vit_3d``
   writes as ``b c (f pf) (h p1) (w p2) -> b (f h w) (pf p1 p2 c)``;
-* positions are FIXED 3-D sin-cos embeddings (a quarter of the width for time, the rest split between rows
-  and columns), not learned ones;
+* positions are FIXED 3-D sin-cos embeddings (a quarter of the width for time, the rest split between columns
+  and rows, as diffusers' ``get_3d_sincos_pos_embed``), not learned ones;
 * the timestep and the class labels are embedded and SUMMED into one conditioning vector ``c``
   ``(B, hidden)``; every block reads ``c`` through **adaLN-Zero**: a ``Linear(hidden, 6 * hidden)``
   turns ``c`` into shift, scale and gate for the attention branch and for the MLP branch;
@@ -142,15 +142,16 @@ def _sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
 
 def sincos_pos_embed_3d(hidden_size: int, grid: Sequence[int]) -> torch.Tensor:
     """Fixed positions ``(f*h*w, hidden)`` for a (frames, rows, columns) grid of tokens, in patchify's order:
-    a quarter of the channels encode the frame index, the rest are split between row and column
-    (DiT's 2-D sin-cos embedding with a time axis added). ``hidden_size`` must be a multiple of 8."""
-    if hidden_size % 8:
-        raise ValueError(f"hidden_size must be a multiple of 8 for 3-D sin-cos positions, got {hidden_size}")
+    the first quarter of the channels encodes the frame index, the rest DiT's 2-D sin-cos embedding of the
+    (column, row) position (3/8 each) -- the layout of diffusers' ``get_3d_sincos_pos_embed`` (CogVideoX),
+    equal to it in ``tests/test_coursekit_dit.py``. ``hidden_size`` must be a multiple of 16."""
+    if hidden_size % 16:
+        raise ValueError(f"hidden_size must be a multiple of 16 for 3-D sin-cos positions, got {hidden_size}")
     f, h, w = (int(g) for g in grid)
     d_t = hidden_size // 4
     d_s = (hidden_size - d_t) // 2
     tt, hh, ww = np.meshgrid(np.arange(f), np.arange(h), np.arange(w), indexing="ij")
-    emb = np.concatenate([_sincos_1d(d_t, tt), _sincos_1d(d_s, hh), _sincos_1d(d_s, ww)], axis=1)
+    emb = np.concatenate([_sincos_1d(d_t, tt), _sincos_1d(d_s, ww), _sincos_1d(d_s, hh)], axis=1)
     return torch.from_numpy(emb).float()
 
 
