@@ -134,33 +134,66 @@ def test_timestep_helpers_equal_diffusers_spacings():
 
 # --- forbidden library calls are seen (and undone) ------------------------------------------------------
 
+# what a submission that imports diffusers in a notebook cell would have in its namespace
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline  # noqa: E402
+from diffusers.models.embeddings import Timesteps  # noqa: E402
+
+from coursekit.unet import timestep_embedding  # noqa: E402
+
+
 def _text_by_encode_prompt(h1, h2, pooled, clip_skip=None):
-    return ag._text_ref({"hidden_states_1": h1, "hidden_states_2": h2, "text_embeds_2": pooled, "clip_skip": clip_skip})
+    from types import SimpleNamespace
+
+    B, S = h1[0].shape[:2]
+    pipe = SimpleNamespace(_execution_device=torch.device("cpu"), tokenizer=ag._Tokenizer(S), tokenizer_2=ag._Tokenizer(S),
+                           text_encoder=ag._CannedEncoder(h1), text_encoder_2=ag._CannedEncoder(h2, pooled),
+                           config=SimpleNamespace(force_zeros_for_empty_prompt=True))
+    e, n, p, npool = StableDiffusionXLPipeline.encode_prompt(pipe, prompt=["x"] * B, device=torch.device("cpu"),
+                                                              do_classifier_free_guidance=True, clip_skip=clip_skip)
+    return e, p, n, npool
 
 
 def _micro_with_course_embedding(te, original, crop, target, dim=256, score=None):
-    from coursekit.unet import timestep_embedding
-
     numbers = list(original) + list(crop) + (list(target) if score is None else [score])
     emb = timestep_embedding(torch.tensor(numbers, dtype=torch.float32), dim).reshape(1, -1)
     return torch.cat([te, emb.expand(te.shape[0], -1)], -1)
 
 
 def _micro_with_diffusers_timesteps(te, original, crop, target, dim=256, score=None):
-    from diffusers.models.embeddings import Timesteps
-
     numbers = list(original) + list(crop) + (list(target) if score is None else [score])
     emb = Timesteps(dim, True, 0)(torch.tensor(numbers, dtype=torch.float32)).reshape(1, -1)
     return torch.cat([te, emb.expand(te.shape[0], -1)], -1)
 
 
 def _img2img_by_get_timesteps(latents, noise, timesteps, strength, alphas_cumprod):
-    return ag.IMG2IMG.reference({"latents": latents, "noise": noise, "timesteps": timesteps, "strength": strength,
-                                 "alphas_cumprod": alphas_cumprod})
+    from types import SimpleNamespace
+
+    scheduler = ag._scheduler_holding(timesteps, alphas_cumprod)
+    remaining, _ = StableDiffusionXLImg2ImgPipeline.get_timesteps(SimpleNamespace(scheduler=scheduler), len(timesteps),
+                                                                  strength, "cpu")
+    a = alphas_cumprod[remaining[0]]
+    return a.sqrt() * latents + (1 - a).sqrt() * noise, remaining
 
 
 def _split_by_get_timesteps(timesteps, T, fraction):
-    return ag.HANDOFF.reference({"timesteps": timesteps, "num_train_timesteps": T, "fraction": fraction})
+    from types import SimpleNamespace
+
+    scheduler = ag._scheduler_holding(timesteps, H.scaled_linear_alphas_cumprod(T))
+    refiner, _ = StableDiffusionXLImg2ImgPipeline.get_timesteps(SimpleNamespace(scheduler=scheduler), len(timesteps),
+                                                                1.0, "cpu", denoising_start=fraction)
+    return timesteps[: len(timesteps) - len(refiner)], refiner
+
+
+def test_forbidden_calls_would_be_right():
+    """The forbidden routes give correct answers: only the rule rejects them."""
+    from dataclasses import replace
+
+    for name, impl in (("sdxl_text_conditioning", _text_by_encode_prompt), ("micro_conditioning", _micro_with_course_embedding),
+                       ("micro_conditioning", _micro_with_diffusers_timesteps), ("img2img_start", _img2img_by_get_timesteps),
+                       ("split_timesteps", _split_by_get_timesteps)):
+        check = ag.CHECKS[name]
+        free = ag.Check(replace(check.task, rules=()), reference=check.reference, tolerance=check.tolerance)
+        assert evaluate(free, impl, seed=0).passed, name
 
 
 @pytest.mark.parametrize("name, impl, called", [

@@ -9,13 +9,14 @@ and ``alphas_cumprod[t]`` is the signal fraction of ``x_t``.
 Rules: diffusers' own implementations of these steps (the pipelines' ``get_timesteps`` and
 ``_get_add_time_ids``, its ``get_timestep_embedding`` / ``Timesteps``) and the course's
 ``coursekit.unet.timestep_embedding`` would hand the answer over; while an exercise that forbids them
-is produced they are replaced by recording wrappers (in every loaded diffusers module, in
-``coursekit.unet`` and wherever the submission's own namespace names them), and a call breaks the rule.
+is produced they are replaced by recording wrappers -- on the diffusers classes and in the diffusers
+modules that the submission's namespace reaches, in ``coursekit.unet`` and under the submission's own
+names for them -- and a call breaks the rule.
 """
 
 from __future__ import annotations
 
-import sys
+import math
 
 import torch
 
@@ -37,38 +38,60 @@ def _recording(original, label, seen):
     return wrapper
 
 
+def _diffusers_namespaces(globs: dict) -> tuple[list[dict], list[type]]:
+    """The diffusers module namespaces and classes a submission's namespace reaches: modules it names, the
+    modules its diffusers functions and methods were defined in, and the classes it names (with their bases)."""
+    namespaces, classes = {}, {}
+
+    def is_diffusers(obj) -> bool:
+        return str(getattr(obj, "__module__", None) or getattr(obj, "__name__", "")).startswith("diffusers")
+
+    for value in list(globs.values()):
+        if isinstance(value, type(math)) and value.__name__.startswith("diffusers"):
+            namespaces[id(value.__dict__)] = value.__dict__
+        elif isinstance(value, type) and is_diffusers(value):
+            for cls in value.__mro__:
+                if is_diffusers(cls):
+                    classes[id(cls)] = cls
+                    for member in vars(cls).values():
+                        g = getattr(member, "__globals__", None)
+                        if isinstance(g, dict):
+                            namespaces[id(g)] = g
+        elif callable(value) and is_diffusers(value) and isinstance(getattr(value, "__globals__", None), dict):
+            namespaces[id(value.__globals__)] = value.__globals__
+    return list(namespaces.values()), list(classes.values())
+
+
 def _watch_library(impl, seen, methods=(), diffusers_functions=(), course_functions=()):
-    """Wrap ``methods`` (names of methods on classes of loaded diffusers modules), ``diffusers_functions``
-    (module-level functions of loaded diffusers modules) and ``course_functions`` (``(module, name)`` pairs
-    in coursekit) so that a call is recorded in ``seen``; aliases in ``impl``'s globals are wrapped too.
-    Nothing is imported: a library the submission never loaded cannot be called. Returns the undo steps."""
+    """Wrap ``methods`` (method names, on the diffusers classes the submission reaches), ``diffusers_functions``
+    (module-level functions, in the diffusers modules it reaches) and ``course_functions`` (names in
+    ``coursekit.unet``) so that a call is recorded in ``seen``; aliases in ``impl``'s globals are wrapped too.
+    What the submission reaches is found from its own namespace (see :func:`_diffusers_namespaces`), the way
+    chapter 7's rules find the model's own paths; nothing is imported. Returns the undo steps."""
+    import coursekit.unet
+
     undo, originals = [], {}
-    for modname, module in list(sys.modules.items()):
-        if module is None or not modname.startswith("diffusers"):
-            continue
-        namespace = getattr(module, "__dict__", {})
-        for attr, obj in list(namespace.items()):
-            if isinstance(obj, type) and getattr(obj, "__module__", None) == modname:
-                for m in methods:
-                    if m in vars(obj) and not getattr(vars(obj)[m], "_course_recording", False):
-                        original = vars(obj)[m]
-                        setattr(obj, m, _recording(original, f"diffusers' {obj.__name__}.{m}", seen))
-                        undo.append(lambda obj=obj, m=m, original=original: setattr(obj, m, original))
-            elif attr in diffusers_functions and callable(obj) and not getattr(obj, "_course_recording", False):
-                originals[id(obj)] = (obj, f"diffusers' {attr}")
-    for modname, name in course_functions:
-        module = sys.modules.get(modname)
-        if module is not None and hasattr(module, name):
-            obj = getattr(module, name)
-            originals[id(obj)] = (obj, f"{modname}.{name}")
-    namespaces = [m.__dict__ for n, m in list(sys.modules.items())
-                  if m is not None and (n.startswith("diffusers") or n in {c[0] for c in course_functions})]
     globs = getattr(impl, "__globals__", None)
-    if isinstance(globs, dict):
-        namespaces.append(globs)
+    globs = globs if isinstance(globs, dict) else {}
+    namespaces, classes = _diffusers_namespaces(globs)
+    for cls in classes:
+        for m in methods:
+            member = vars(cls).get(m)
+            if member is not None and not getattr(member, "_course_recording", False):
+                setattr(cls, m, _recording(member, f"diffusers' {cls.__name__}.{m}", seen))
+                undo.append(lambda cls=cls, m=m, member=member: setattr(cls, m, member))
+    for namespace in namespaces:
+        for name in diffusers_functions:
+            obj = namespace.get(name)
+            if callable(obj) and not getattr(obj, "_course_recording", False):
+                originals[id(obj)] = (obj, f"diffusers' {name}")
+    for name in course_functions:
+        obj = getattr(coursekit.unet, name, None)
+        if callable(obj):
+            originals[id(obj)] = (obj, f"coursekit.unet.{name}")
     for original, label in originals.values():
         wrapped = _recording(original, label, seen)
-        for namespace in namespaces:
+        for namespace in [*namespaces, vars(coursekit.unet), globs]:
             for key, value in list(namespace.items()):
                 if value is original:
                     namespace[key] = wrapped
@@ -174,7 +197,7 @@ def _call_micro(impl, inputs):
                     inputs["target_size"], inputs["embed_dim"], inputs["aesthetic_score"])
     out = _watched_call(impl, inputs, run, methods=("_get_add_time_ids",),
                         diffusers_functions=("get_timestep_embedding",),
-                        course_functions=(("coursekit.unet", "timestep_embedding"),))
+                        course_functions=("timestep_embedding",))
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"micro_conditioning must return one tensor, got a {type(out).__name__}")
     return out
