@@ -1,26 +1,32 @@
-"""A text-matching task generated in code: paraphrases vs hard negatives that share most words.
+"""A text-matching task generated in code: does sentence ``a`` imply sentence ``b``?
 
-Every sentence expresses an **event**: who did what to whom, and when,
+Every sentence states an **event**: who did what to whom, and when,
 
     Event(agent="doctor", action="help", patient="lawyer", time="monday")
 
-and is **realised** with a random choice of synonyms for each slot ("doctor" / "physician",
-"helped" / "assisted" / "aided", ...), in the active or the passive voice, with the time phrase at the
-start or the end::
+where the agent and the time may be left open (``None``): "a person helped the lawyer", "the lawyer was
+helped by a person once" (an open agent is "a person", an open time a vague phrase such as "once" or
+"at some point": as many words as a filled slot, so that length gives nothing away). It is **realised** with a random choice of synonyms
+for each slot ("doctor" / "physician", "helped" / "assisted" / "aided", ...), in the active or the
+passive voice, with the time phrase at the start or the end::
 
     the physician assisted the lawyer on monday
     at the start of the week the lawyer was aided by the doctor
+    a person helped the attorney at some point       (agent and time left open)
 
-Two sentences **match** when they realise the same event. The task is built so that counting shared
-words does not solve it:
+A pair ``(a, b)`` **matches** when ``a`` implies ``b``: the same action and patient, and ``b`` says
+nothing that ``a`` does not (an open slot in ``b`` is implied by any value in ``a``; see
+:func:`implies`). This is the question natural-language inference asks ("does the premise entail the
+hypothesis?"), and it is **directional**: "the doctor helped the lawyer" implies "a person helped the
+lawyer", not the other way round. Any score that is symmetric in its two texts -- word overlap, the
+cosine of two embeddings made by the same tower -- gives both directions the same value.
 
-* a **positive** is the same event said again: some of the choices (synonyms, voice, position of the
-  time phrase) are drawn anew, from a few of them to all, so it may share most words with the first
-  sentence or hardly any;
-* a **hard negative** changes one slot of the event -- most often it swaps the agent and the patient,
-  or replaces one person, the action or the time -- and is said with a variant of the
-  first sentence's words drawn in exactly the same way. A role swap said with the same choices has
-  exactly the same words.
+* a **positive** for an anchor is the anchor's event, or a generalisation of it (agent and/or time
+  left open), said with some of the choices (synonyms, voice, position of the time phrase) drawn anew;
+* a **hard negative** is said with a variant of the anchor's words drawn in exactly the same way and
+  is one of (:data:`HARD_NEGATIVE_KINDS`): **more specific** than the anchor (it fills in the agent or
+  the time the anchor left open: implied *by* nothing the anchor says), roles swapped, or another
+  agent, patient, action or time.
 
 Events are split into train and test by a fixed hash, so test events are never seen in training.
 Sentences are lower-case words separated by spaces; :class:`Vocab` maps them to ids, with ``[PAD]``
@@ -70,34 +76,61 @@ TIMES: dict[str, tuple[str, ...]] = {
     "night": ("last night", "yesterday evening"),
     "weekend": ("at the weekend", "over the weekend"),
 }
+# Open slots are said with words of the same length as a filled one, so that the number of words
+# does not tell a generalisation from a more specific sentence: "a person" for an open agent, and a
+# vague time phrase (lengths 1 to 6, like the real ones) for an open time.
+SOMEONE = "a person"
+VAGUE_TIMES: tuple[str, ...] = ("once", "one day", "at some point", "some time ago", "at some point in the past")
 
-HARD_NEGATIVE_KINDS = ("swap roles", "other agent", "other patient", "other action", "other time")
-# How often each kind of hard negative is drawn: role swaps are the hardest and the most frequent.
-HARD_NEGATIVE_WEIGHTS = (0.4, 0.15, 0.15, 0.15, 0.15)
+HARD_NEGATIVE_KINDS = ("more specific", "swap roles", "other agent", "other patient", "other action",
+                       "other time")
+# How often each kind of hard negative is drawn: half of them are "more specific", the direction test.
+HARD_NEGATIVE_WEIGHTS = (0.5, 0.1, 0.1, 0.1, 0.1, 0.1)
 TEST_FRACTION = 0.2
 
 
 @dataclass(frozen=True)
 class Event:
-    """Who did what to whom, and when (concept names, the keys of the tables above)."""
+    """Who did what to whom, and when (concept names, the keys of the tables above); the agent and
+    the time may be ``None``: left open ("a person ...", a vague time phrase)."""
 
-    agent: str
+    agent: str | None
     action: str
     patient: str
-    time: str
+    time: str | None
 
     def __post_init__(self) -> None:
         for slot, table in (("agent", PEOPLE), ("action", ACTIONS), ("patient", PEOPLE), ("time", TIMES)):
-            if getattr(self, slot) not in table:
-                raise ValueError(f"unknown {slot} {getattr(self, slot)!r}; choose from {sorted(table)}")
+            value = getattr(self, slot)
+            if value is None and slot in ("agent", "time"):
+                continue
+            if value not in table:
+                raise ValueError(f"unknown {slot} {value!r}; choose from {sorted(table)}"
+                                 + (" or None" if slot in ("agent", "time") else ""))
         if self.agent == self.patient:
             raise ValueError(f"agent and patient must differ, both are {self.agent!r}")
 
     @property
+    def full(self) -> bool:
+        return self.agent is not None and self.time is not None
+
+    @property
     def split(self) -> str:
-        """``"test"`` for a fixed fifth of all events (by a hash of the event), else ``"train"``."""
+        """``"test"`` for a fixed fifth of all full events (by a hash of the event), else ``"train"``;
+        an event with open slots belongs to the split of the full events it was made from
+        (see :func:`random_event`), so this is only defined for full events."""
+        if not self.full:
+            raise ValueError("split is defined for full events (agent and time given)")
         key = "|".join((self.agent, self.action, self.patient, self.time))
         return "test" if zlib.crc32(key.encode()) % 1000 < TEST_FRACTION * 1000 else "train"
+
+
+def implies(a: Event, b: Event) -> bool:
+    """Does ``a`` imply ``b``? The same action and patient, and every slot ``b`` fills is filled the
+    same way in ``a`` (an open slot in ``b`` is implied by anything). Directional: a full event implies
+    its generalisations, not the other way round."""
+    return (a.action == b.action and a.patient == b.patient and b.agent in (None, a.agent)
+            and b.time in (None, a.time))
 
 
 @dataclass(frozen=True)
@@ -113,12 +146,13 @@ class Surface:
 
 
 def number_of_events() -> int:
+    """Full events (agent and time given)."""
     n = len(PEOPLE)
     return n * (n - 1) * len(ACTIONS) * len(TIMES)
 
 
 def random_event(rng: random.Random, split: str | None = None) -> Event:
-    """A uniformly random event, from the given split (``"train"``, ``"test"``) or from all."""
+    """A uniformly random full event, from the given split (``"train"``, ``"test"``) or from all."""
     if split not in (None, "train", "test"):
         raise ValueError(f"split must be 'train', 'test' or None, got {split!r}")
     people = sorted(PEOPLE)
@@ -129,22 +163,36 @@ def random_event(rng: random.Random, split: str | None = None) -> Event:
             return event
 
 
+def generalisations(event: Event) -> list[Event]:
+    """The event itself and every event made from it by leaving the agent and/or the time open."""
+    out = [event]
+    if event.agent is not None:
+        out.append(replace(event, agent=None))
+    if event.time is not None:
+        out.append(replace(event, time=None))
+    if event.agent is not None and event.time is not None:
+        out.append(replace(event, agent=None, time=None))
+    return out
+
+
 def random_surface(event: Event, rng: random.Random) -> Surface:
-    return Surface(rng.randrange(len(PEOPLE[event.agent])), rng.randrange(len(ACTIONS[event.action])),
-                   rng.randrange(len(PEOPLE[event.patient])), rng.randrange(len(TIMES[event.time])),
+    n_agent = len(PEOPLE[event.agent]) if event.agent is not None else 1
+    n_time = len(TIMES[event.time]) if event.time is not None else len(VAGUE_TIMES)
+    return Surface(rng.randrange(n_agent), rng.randrange(len(ACTIONS[event.action])),
+                   rng.randrange(len(PEOPLE[event.patient])), rng.randrange(n_time),
                    rng.random() < 0.5, rng.random() < 0.5)
 
 
 def realise(event: Event, surface: Surface) -> str:
-    """The sentence for ``event`` with the given choices (synonym numbers wrap around)."""
-    agent = PEOPLE[event.agent][surface.agent % len(PEOPLE[event.agent])]
+    """The sentence for ``event`` with the given choices (synonym numbers wrap around). An open agent
+    is "a person", an open time one of :data:`VAGUE_TIMES`."""
     patient = PEOPLE[event.patient][surface.patient % len(PEOPLE[event.patient])]
     past, participle = ACTIONS[event.action][surface.action % len(ACTIONS[event.action])]
-    time = TIMES[event.time][surface.time % len(TIMES[event.time])]
-    if surface.passive:
-        clause = f"the {patient} was {participle} by the {agent}"
-    else:
-        clause = f"the {agent} {past} the {patient}"
+    agent = SOMEONE if event.agent is None else "the " + PEOPLE[event.agent][surface.agent % len(PEOPLE[event.agent])]
+    clause = (f"the {patient} was {participle} by {agent}" if surface.passive
+              else f"{agent} {past} the {patient}")
+    times = VAGUE_TIMES if event.time is None else TIMES[event.time]
+    time = times[surface.time % len(times)]
     return f"{time} {clause}" if surface.time_first else f"{clause} {time}"
 
 
@@ -160,51 +208,99 @@ def vary(event: Event, surface: Surface, rng: random.Random) -> Surface:
 def paraphrase(event: Event, surface: Surface, rng: random.Random) -> str:
     """The same event said another way (never with exactly the same words)."""
     anchor = realise(event, surface)
-    while True:
+    for _ in range(100):
         sentence = realise(event, vary(event, surface, rng))
         if sentence != anchor:
             return sentence
+    raise RuntimeError(f"no other wording found for {anchor!r}")
 
 
-def perturb(event: Event, kind: str, rng: random.Random) -> Event:
-    """A different event: one slot changed (``kind`` from :data:`HARD_NEGATIVE_KINDS`)."""
+def applicable(event: Event, kind: str) -> bool:
+    """Whether a hard negative of this kind exists for ``event`` (a full event has nothing to fill in;
+    an open agent cannot be swapped or replaced; an open time cannot be replaced)."""
+    if kind not in HARD_NEGATIVE_KINDS:
+        raise ValueError(f"unknown kind of hard negative {kind!r}; choose from {HARD_NEGATIVE_KINDS}")
+    return {"more specific": not event.full, "swap roles": event.agent is not None,
+            "other agent": event.agent is not None, "other time": event.time is not None}.get(kind, True)
+
+
+def perturb(event: Event, kind: str, rng: random.Random, source: Event | None = None) -> Event:
+    """A hard negative's event: ``kind`` from :data:`HARD_NEGATIVE_KINDS`. For ``"more specific"`` an
+    open slot is filled in -- from ``source`` (the full event ``event`` was made from) if given, else at
+    random; the others change one slot. The result is never implied by ``event``."""
+    if not applicable(event, kind):
+        raise ValueError(f"no {kind!r} hard negative for {event}")
+    if kind == "more specific":
+        options = []
+        if event.agent is None:
+            agent = source.agent if source else rng.choice(sorted(set(PEOPLE) - {event.patient}))
+            options.append(replace(event, agent=agent))
+        if event.time is None:
+            options.append(replace(event, time=source.time if source else rng.choice(sorted(TIMES))))
+        return rng.choice(options)
     if kind == "swap roles":
         return replace(event, agent=event.patient, patient=event.agent)
     if kind in ("other agent", "other patient"):
         taken = {event.agent, event.patient}
         person = rng.choice(sorted(set(PEOPLE) - taken))
         return replace(event, agent=person) if kind == "other agent" else replace(event, patient=person)
-    slot, table = {"other action": ("action", ACTIONS), "other time": ("time", TIMES)}.get(kind, (None, None))
-    if slot is None:
-        raise ValueError(f"unknown kind of hard negative {kind!r}; choose from {HARD_NEGATIVE_KINDS}")
+    slot, table = {"other action": ("action", ACTIONS), "other time": ("time", TIMES)}[kind]
     return replace(event, **{slot: rng.choice(sorted(set(table) - {getattr(event, slot)}))})
 
 
-def hard_negative(event: Event, surface: Surface, rng: random.Random, kind: str | None = None) -> tuple[str, str]:
-    """(sentence, kind): a changed event, said with a variant of the anchor's words drawn exactly as a
-    paraphrase's are -- so the number of shared words does not tell the two apart."""
-    kind = kind or rng.choices(HARD_NEGATIVE_KINDS, HARD_NEGATIVE_WEIGHTS)[0]
-    return realise(perturb(event, kind, rng), vary(event, surface, rng)), kind
+def hard_negative(event: Event, surface: Surface, rng: random.Random, kind: str | None = None,
+                  source: Event | None = None) -> tuple[str, str, Event]:
+    """(sentence, kind, its event): an event ``event`` does not imply, said with a variant of the
+    anchor's words drawn exactly as a positive's are -- so the number of shared words does not tell
+    the two apart."""
+    if kind is None:
+        kinds = [k for k in HARD_NEGATIVE_KINDS if applicable(event, k)]
+        kind = rng.choices(kinds, [w for k, w in zip(HARD_NEGATIVE_KINDS, HARD_NEGATIVE_WEIGHTS) if k in kinds])[0]
+    other = perturb(event, kind, rng, source)
+    return realise(other, vary(other, surface, rng)), kind, other
+
+
+def positive(event: Event, surface: Surface, rng: random.Random) -> tuple[str, Event]:
+    """(sentence, its event): something ``event`` implies -- the event itself or a generalisation --
+    said with a variant of the anchor's words (never exactly the anchor's sentence)."""
+    anchor = realise(event, surface)
+    for _ in range(100):
+        target = rng.choice(generalisations(event))
+        sentence = realise(target, vary(target, surface, rng))
+        if sentence != anchor:
+            return sentence, target
+    raise RuntimeError(f"no positive found for {anchor!r}")
 
 
 @dataclass(frozen=True)
 class Triplet:
-    """An anchor sentence, a paraphrase of it, and a hard negative (with the kind of change)."""
+    """An anchor sentence, a sentence it implies, a hard negative (with the kind); the three events,
+    and ``source``, the full event the anchor's was made from (its split is the triplet's)."""
 
     anchor: str
     positive: str
     negative: str
     kind: str
     event: Event
+    positive_event: Event
+    negative_event: Event
+    source: Event
+
+
+def random_anchor(rng: random.Random, split: str | None = None) -> tuple[Event, Event]:
+    """(anchor event, the full event it was made from): half the time the full event, else one of its
+    generalisations with at least one open slot."""
+    full = random_event(rng, split)
+    return (full if rng.random() < 0.5 else rng.choice(generalisations(full)[1:])), full
 
 
 def triplet(rng: random.Random, split: str | None = None) -> Triplet:
-    event = random_event(rng, split)
+    event, full = random_anchor(rng, split)
     surface = random_surface(event, rng)
     anchor = realise(event, surface)
-    positive = paraphrase(event, surface, rng)
-    negative, kind = hard_negative(event, surface, rng)
-    return Triplet(anchor, positive, negative, kind, event)
+    pos, pos_event = positive(event, surface, rng)
+    negative, kind, neg_event = hard_negative(event, surface, rng, source=full)
+    return Triplet(anchor, pos, negative, kind, event, pos_event, neg_event, full)
 
 
 def triplets(n: int, split: str = "train", seed: int = 0) -> list[Triplet]:
@@ -216,7 +312,7 @@ def triplets(n: int, split: str = "train", seed: int = 0) -> list[Triplet]:
 
 
 def labelled_pairs(n: int, split: str = "test", seed: int = 0) -> tuple[list[str], list[str], torch.Tensor]:
-    """``n`` pairs, half paraphrases (label 1) and half hard negatives (label 0), shuffled."""
+    """``n`` pairs ``(a, b)``, half with ``a`` implying ``b`` (label 1) and half hard negatives (label 0), shuffled."""
     if not isinstance(n, int) or n < 2 or n % 2:
         raise ValueError(f"n must be an even integer >= 2, got {n!r}")
     rows = []
@@ -228,14 +324,14 @@ def labelled_pairs(n: int, split: str = "test", seed: int = 0) -> tuple[list[str
 
 
 def easy_pairs(n: int, split: str = "test", seed: int = 0) -> tuple[list[str], list[str], torch.Tensor]:
-    """``n`` pairs, half paraphrases (label 1) and half a sentence of another, random event (label 0)."""
+    """``n`` pairs, half positives (label 1) and half a sentence of another, random event (label 0)."""
     if not isinstance(n, int) or n < 2 or n % 2:
         raise ValueError(f"n must be an even integer >= 2, got {n!r}")
     rng = random.Random(f"easy-{split}-{seed}")
     rows = []
     for t in triplets(n // 2, split, seed + 7919):
         other = random_event(rng, split)
-        while other == t.event:
+        while other == t.source:
             other = random_event(rng, split)
         rows += [(t.anchor, t.positive, 1), (t.anchor, realise(other, random_surface(other, rng)), 0)]
     rng.shuffle(rows)
@@ -245,9 +341,9 @@ def easy_pairs(n: int, split: str = "test", seed: int = 0) -> tuple[list[str], l
 
 @dataclass(frozen=True)
 class RetrievalSet:
-    """Queries and one pool of candidates: ``answers[i]`` is the index of query i's paraphrase.
-    The pool holds every query's paraphrase and hard negatives, and fillers: sentences of other
-    events (never the event of any query)."""
+    """Queries and one pool of candidates: ``answers[i]`` is the index of the one candidate query i
+    implies. The pool holds every query's answer and hard negatives, and fillers: sentences of other
+    events; no query implies any candidate but its answer."""
 
     queries: list[str]
     candidates: list[str]
@@ -256,28 +352,50 @@ class RetrievalSet:
 
 def retrieval_set(n_queries: int, n_candidates: int, negatives_per_query: int = 10, split: str = "test",
                   seed: int = 0) -> RetrievalSet:
-    """A retrieval task: ``n_queries`` queries against ``n_candidates`` shuffled candidates."""
+    """A retrieval task: ``n_queries`` queries against ``n_candidates`` shuffled candidates. Every query
+    leaves the agent or the time open, so its hard negatives include sentences more specific than it."""
     needed = n_queries * (1 + negatives_per_query)
     if n_queries < 1 or negatives_per_query < 0 or n_candidates < needed:
         raise ValueError(f"{n_queries} queries with 1 + {negatives_per_query} candidates each need "
                          f"n_candidates >= {needed}, got {n_candidates}")
     rng = random.Random(f"retrieval-{split}-{seed}")
-    queries, pool, owner, events = [], [], [], set()
-    while len(queries) < n_queries:
-        event = random_event(rng, split)
-        if event in events:
+    by_topic: dict[tuple[str, str], list[Event]] = {}   # (action, patient) -> query events
+
+    def implied_by_a_query(e: Event) -> bool:
+        return any(implies(q, e) for q in by_topic.get((e.action, e.patient), ()))
+
+    # the queries first, so that every candidate can be checked against all of them
+    chosen = []
+    while len(chosen) < n_queries:
+        full = random_event(rng, split)
+        event = rng.choice(generalisations(full)[1:])
+        if implied_by_a_query(event) or any(implies(event, q) for q in by_topic.get((event.action, event.patient), ())):
             continue
-        events.add(event)
+        by_topic.setdefault((event.action, event.patient), []).append(event)
+        chosen.append((event, full))
+    queries, pool, owner = [], [], []
+    for event, full in chosen:
         surface = random_surface(event, rng)
         queries.append(realise(event, surface))
-        pool.append(paraphrase(event, surface, rng))
+        while True:   # the answer: implied by this query and by no other
+            sentence, target = positive(event, surface, rng)
+            if sum(implies(q, target) for q in by_topic[(target.action, target.patient)]) == 1:
+                break
+        pool.append(sentence)
         owner.append(len(queries) - 1)
-        for _ in range(negatives_per_query):
-            pool.append(hard_negative(event, surface, rng)[0])
+        added = 0
+        while added < negatives_per_query:
+            kinds = [k for k in HARD_NEGATIVE_KINDS if applicable(event, k)]
+            kind = rng.choices(kinds, [w for k, w in zip(HARD_NEGATIVE_KINDS, HARD_NEGATIVE_WEIGHTS) if k in kinds])[0]
+            other = perturb(event, kind, rng, full if rng.random() < 0.5 else None)
+            if implied_by_a_query(other):
+                continue
+            pool.append(realise(other, vary(other, surface, rng)))
             owner.append(-1)
+            added += 1
     while len(pool) < n_candidates:
         event = random_event(rng, split)
-        if event not in events:
+        if not implied_by_a_query(event):
             pool.append(realise(event, random_surface(event, rng)))
             owner.append(-1)
     order = list(range(len(pool)))
@@ -303,7 +421,9 @@ SPECIALS = ("[PAD]", "[CLS]", "[SEP]")
 
 
 def _all_words() -> list[str]:
-    words = {"the", "was", "by"}
+    words = {"the", "was", "by", *SOMEONE.split()}
+    for form in VAGUE_TIMES:
+        words.update(form.split())
     for table in (PEOPLE, TIMES):
         for forms in table.values():
             for form in forms:
