@@ -228,7 +228,7 @@ def _call_zero_init(impl, inputs):
             residuals.append((nxt - tokens).abs().max())
             tokens = nxt
         after = model.state_dict()
-        zero = torch.tensor([float((after[k] == 0).float().mean()) for k in sorted(after)])
+        zero = torch.tensor([float(bool((after[k] == 0).all())) for k in sorted(after)])
     return out, torch.stack(residuals), zero
 
 
@@ -242,7 +242,7 @@ ZERO_INIT = Task(
     ),
     call=_call_zero_init,
     output_names=("the model's output", "largest change each block makes to its tokens",
-                  "fraction of each parameter that is zero (sorted state_dict order)"),
+                  "which parameters are all zero (1 = yes, sorted state_dict order)"),
 )
 
 
