@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from autograders.engine.core import (EXACT, Case, Check, CheckFailed, CheckSet, Mistake, Produced, Tolerance,
-                              evaluate, judge, make_inputs, produce, randn, to_arrays)
+from autograders.engine.core import (EXACT, Case, Check, CheckFailed, CheckSet, Forbid, Mistake, Produced, Task,
+                                     Tolerance, evaluate, judge, make_inputs, produce, randn, to_arrays)
 
 TOL = Tolerance(1e-6, 1e-6, "test")
 
@@ -120,3 +120,112 @@ def test_exact_tolerance_and_infinities():
 def test_produced_error_dataclass():
     p = Produced(None, "X: y")
     assert p.arrays is None and p.error == "X: y"
+
+
+# --- Forbid(callables=...): a forbidden Python function is seen whichever way it is reached -------------
+
+_LIBRARY = '''
+import torch
+
+def answer(x):
+    return x * 2
+
+class Helper(torch.nn.Module):
+    def forward(self, x):
+        return x * 2
+
+class Tool:
+    @staticmethod
+    def answer(x):
+        return x * 2
+'''
+
+
+@pytest.fixture()
+def library(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    (tmp_path / "fake_library.py").write_text(_LIBRARY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("fake_library", None)
+    yield importlib.import_module("fake_library")
+    sys.modules.pop("fake_library", None)
+
+
+def _call_watch_check():
+    rule = Forbid("write it yourself: fake_library is not allowed",
+                  callables=("fake_library:answer", "fake_library:Helper", "fake_library:Tool.answer"))
+    task = Task("double", cases=(Case("four", lambda g: {"x": torch.arange(4.0)}),), rules=(rule,))
+    return Check(task, reference=lambda inputs: inputs["x"] * 2, tolerance=EXACT)
+
+
+def _routes(lib):
+    import threading
+    import types
+
+    def imported_inside(x):
+        from fake_library import answer as hidden
+        return hidden(x)
+
+    copy = types.FunctionType(lib.answer.__code__, lib.answer.__globals__)
+    replaced = types.FunctionType(lib.answer.__code__.replace(co_consts=lib.answer.__code__.co_consts),
+                                  lib.answer.__globals__)
+
+    def in_a_thread(x):
+        out = {}
+        t = threading.Thread(target=lambda: out.setdefault("y", lib.answer(x)))
+        t.start()
+        t.join()
+        return out["y"]
+
+    return {"alias": lib.answer, "import inside": imported_inside, "FunctionType copy": copy,
+            "code.replace copy": replaced, "module": lambda x: lib.Helper()(x),
+            "static method": lib.Tool.answer, "thread": in_a_thread,
+            "getattr": lambda x: getattr(__import__("fake_library"), "an" + "swer")(x)}
+
+
+def test_forbidden_callables_are_seen_on_every_route(library):
+    check = _call_watch_check()
+    for label, impl in _routes(library).items():
+        report = evaluate(check, impl, seed=0)
+        assert not report.passed, label
+        assert "fake_library is not allowed" in report.summary(), label
+    assert evaluate(check, lambda x: x + x, seed=0).passed
+
+
+def test_a_library_imported_only_inside_the_exercise_is_seen(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "fake_library.py").write_text(_LIBRARY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("fake_library", None)
+
+    def imported_inside(x):
+        import fake_library
+        return fake_library.Helper()(x) + fake_library.answer(x) - fake_library.answer(x)
+
+    try:
+        report = evaluate(_call_watch_check(), imported_inside, seed=0)
+    finally:
+        sys.modules.pop("fake_library", None)
+    assert not report.passed and "fake_library is not allowed" in report.summary()
+
+
+def test_removing_the_call_watch_breaks_the_rule(library):
+    import sys
+
+    def tamper(x):
+        sys.setprofile(None)
+        return library.answer(x)
+
+    report = evaluate(_call_watch_check(), tamper, seed=0)
+    assert not report.passed and "removed the grader's call watch" in report.summary()
+    assert sys.getprofile() is None
+
+
+def test_a_callable_that_is_not_a_function_is_a_clear_error():
+    from autograders.engine.core import resolve_callable
+
+    with pytest.raises(ValueError, match="does not name a Python function"):
+        resolve_callable("math:pi")

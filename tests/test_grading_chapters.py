@@ -69,3 +69,35 @@ def test_the_solution_passes_hidden_checks_over_many_seeds_judged_by_two_threads
     with ThreadPoolExecutor(2) as pool:
         failures = [f for f in pool.map(lambda job: _judge(*job), jobs) if f]
     assert not failures, "\n\n".join(failures[:3])
+
+
+def test_the_course_twin_of_an_exercise_scores_zero_in_the_sandbox(tmp_path):
+    """Chapter 15's patchify answered by coursekit's own patchify (imported in the cell, or inside the
+    function) gets 0 for that exercise only, in the sandbox, with the rule in the feedback."""
+    chapter = "15_sora_dit"
+    release_nb = nbformat.read(notebook_of(CHAPTERS / chapter), as_version=4)
+    source_nb = nbformat.read(notebook_of(SOLUTIONS / chapter), as_version=4)
+    answers = {
+        "aliased": "from coursekit.dit import patchify as _course_patchify\n\n\n"
+                   "def patchify(x, patch):\n    return _course_patchify(x, patch)\n",
+        "imported_inside": "def patchify(x, patch):\n    import coursekit.dit\n    return coursekit.dit.patchify(x, patch)\n",
+    }
+    subs = tmp_path / "submissions"
+    subs.mkdir()
+    for student, code in answers.items():
+        nb = solved(release_nb, source_nb)
+        cell = next(c for c in nb.cells if c.metadata.get("nbgrader", {}).get("solution")
+                    and c.source.lstrip().startswith("def patchify"))
+        cell.source = code
+        nbformat.write(nb, subs / f"{student}.ipynb")
+    grader = grade.Grader(chapter, course_dir=tmp_path, source_dir=SOLUTIONS, release_dir=CHAPTERS, workers=2,
+                          db_url=f"sqlite:///{tmp_path / 'gradebook.db'}", out=tmp_path / "out",
+                          limits=Limits(start_wall_s=180.0), progress=False)
+    for r in grader.run(subs):
+        rows = {x.name: x for x in r.rows}
+        patch = next(x for name, x in rows.items() if "patchify" in name and "unpatchify" not in name)
+        assert patch.points == 0, f"{r.student}: coursekit's patchify earned {patch.points}"
+        assert "the course's own coursekit.dit.patchify" in " ".join(patch.private + patch.reasons), \
+            f"{r.student}: no rule in the message: {patch}"
+        others = [(x.name, x.points, x.max_points) for x in r.rows if x is not patch and x.points != x.max_points]
+        assert not others, f"{r.student}: other exercises lost points: {others}"

@@ -85,3 +85,35 @@ def test_harness_source_holds_no_answers(name):
             top = module.split(".")[0]
             ok = module in ALLOWED_AUTOGRADERS if top == "autograders" else top in ALLOWED_IMPORTS
             assert ok, f"{path} imports {module}: a harness imports only {sorted(ALLOWED_IMPORTS)} and core"
+
+
+def _course_twins() -> dict[str, list[str]]:
+    """coursekit's public functions and classes by lower-case name, as "module:name"."""
+    import inspect
+    import pkgutil
+
+    import coursekit
+
+    twins: dict[str, list[str]] = {}
+    for info in pkgutil.iter_modules(coursekit.__path__):
+        module = importlib.import_module(f"coursekit.{info.name}")
+        for name, value in vars(module).items():
+            if ((inspect.isfunction(value) or inspect.isclass(value)) and value.__module__ == module.__name__
+                    and not name.startswith("_")):
+                twins.setdefault(name.lower(), []).append(f"{module.__name__}:{name}")
+    return twins
+
+
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_an_exercise_with_a_twin_in_coursekit_forbids_it(name):
+    """A coursekit function or class named like an exercise computes its answer inside the sandbox: the
+    exercise's task must forbid calling it (``no_course_version``), however it is reached."""
+    from autograders.engine.core import Forbid
+
+    harness = importlib.import_module(f"autograders.harness.{name}")
+    twins = _course_twins()
+    missing = []
+    for task_name, task in harness.TASKS.tasks.items():
+        forbidden = {c for r in task.rules if isinstance(r, Forbid) for c in r.callables}
+        missing += [f"{task_name}: {t}" for t in twins.get(task_name.lower(), []) if t not in forbidden]
+    assert not missing, "exercises that do not forbid their coursekit twin: " + "; ".join(missing)

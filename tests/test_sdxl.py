@@ -208,20 +208,28 @@ def test_forbidden_library_calls_are_rejected(name, impl, called):
     assert called in text
 
 
-def test_the_wrappers_are_undone():
-    from diffusers import StableDiffusionXLImg2ImgPipeline
-    from diffusers.models import embeddings
+def test_a_library_imported_inside_the_exercise_is_seen():
+    def img2img_importing_inside(latents, noise, timesteps, strength, alphas_cumprod):
+        from types import SimpleNamespace
 
-    import coursekit.unet
+        from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img as lib
 
-    before = (StableDiffusionXLImg2ImgPipeline.get_timesteps, embeddings.get_timestep_embedding,
-              coursekit.unet.timestep_embedding)
+        scheduler = ag._scheduler_holding(timesteps, alphas_cumprod)
+        remaining, _ = lib.StableDiffusionXLImg2ImgPipeline.get_timesteps(SimpleNamespace(scheduler=scheduler),
+                                                                          len(timesteps), strength, "cpu")
+        a = alphas_cumprod[remaining[0]]
+        return a.sqrt() * latents + (1 - a).sqrt() * noise, remaining
+
+    assert "get_timesteps" in assert_rejects(ag.CHECKS, "img2img_start", img2img_importing_inside, "not allowed")
+
+
+def test_the_call_watch_is_removed_after_grading():
+    import sys
+
     for name, impl in (("img2img_start", _img2img_by_get_timesteps), ("micro_conditioning", _micro_with_course_embedding),
                        ("micro_conditioning", _micro_with_diffusers_timesteps)):
         evaluate(ag.CHECKS[name], impl, seed=0)
-    after = (StableDiffusionXLImg2ImgPipeline.get_timesteps, embeddings.get_timestep_embedding,
-             coursekit.unet.timestep_embedding)
-    assert before == after
+        assert sys.getprofile() is None
 
 
 def test_q_sample_is_allowed_in_img2img():

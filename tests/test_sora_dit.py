@@ -270,3 +270,27 @@ def test_sampler_with_two_separate_passes_passes():
 ])
 def test_sampler_rejects(wrong, hint):
     assert_rejects(ag.CHECKS, "guided_sample", wrong, hint)
+
+
+# --- coursekit's own versions may not stand in for the exercises ------------------------------------------
+
+def _course_sampler(model, scheduler, x, labels, null_labels, guidance_scale):
+    from coursekit.diffusion import guided, sample_loop
+
+    fn = guided(lambda x, t, labels: model(x, t.expand(len(x)) if t.ndim == 0 else t, labels),
+                {"labels": labels}, {"labels": null_labels}, guidance_scale)
+    return sample_loop(fn, scheduler, sample=x)[0]
+
+
+@pytest.mark.parametrize("name, impl", [
+    ("patchify", D.patchify),
+    ("patchify", lambda x, patch: __import__("coursekit.dit", fromlist=["x"]).patchify(x, patch)),
+    ("unpatchify", D.unpatchify),
+    ("modulate", D.modulate),
+    ("DiTBlock", type("MyBlock", (D.DiTBlock,), {})),
+    ("zero_init", D.zero_init),
+    ("zero_init", lambda model: D.initialize_weights(model)),
+    ("guided_sample", _course_sampler),
+])
+def test_the_course_versions_are_rejected(name, impl):
+    assert "the course's own" in assert_rejects(ag.CHECKS, name, impl, "may not be called here")

@@ -61,6 +61,7 @@ class Trace:
 
     functions: Counter = field(default_factory=Counter)
     ops: Counter = field(default_factory=Counter)
+    calls: Counter = field(default_factory=Counter)  # forbidden Python callables, by the name the rule gives
 
     def count(self, *names: str) -> int:
         return sum(self.functions[n] + self.ops[n] for n in names)
@@ -76,10 +77,118 @@ class Forbid:
     rule: str  # as the exercise text states it
     functions: tuple[str, ...] = ()
     ops: tuple[str, ...] = ()
+    # Python functions of a library or of coursekit that would hand the answer over, as
+    # "package.module:Qualified.name" (a function, a method, a class's __call__/forward). A call is seen
+    # however the function was reached (an alias, a method of a subclass, an import inside the exercise,
+    # a copy made with types.FunctionType or code.replace): the watch matches the code being run, by its
+    # file, first line and name, not the object's identity. "*" matches any part of the name
+    # ("diffusers.pipelines.*:*.get_timesteps": every pipeline's get_timesteps).
+    callables: tuple[str, ...] = ()
 
     def broken(self, trace: Trace, inputs: Inputs) -> str | None:
-        seen = [f for f in self.functions if trace.functions[f]] + [o for o in self.ops if trace.ops[o]]
+        seen = ([f for f in self.functions if trace.functions[f]] + [o for o in self.ops if trace.ops[o]]
+                + [c.replace(":", ".") for c in (*self.callables, _UNWATCHED) if trace.calls[c]])
         return f"it called {', '.join(seen)}" if seen else None
+
+
+_UNWATCHED = "sys.setprofile (it removed the grader's call watch)"
+
+
+def no_course_version(*callables: str) -> Forbid:
+    """The rule every exercise with a twin in ``coursekit`` carries: the course's own version (which a
+    later chapter imports) may not stand in for the student's. ``callables`` as in :class:`Forbid`."""
+    names = ", ".join(c.replace(":", ".") for c in callables)
+    return Forbid(f"write it yourself: the course's own {names} may not be called here", callables=callables)
+
+
+def _code_key(code) -> tuple[str, int, str]:
+    return (code.co_filename, code.co_firstlineno, code.co_name)
+
+
+def resolve_callable(spec: str) -> list:
+    """The code objects behind ``"package.module:Qualified.name"`` (a class gives its ``__call__`` and
+    ``forward``). Raises ValueError if it does not name a Python function."""
+    import importlib
+    import inspect
+
+    module_name, _, qualname = spec.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split(".") if qualname else ():
+        obj = inspect.getattr_static(obj, part) if isinstance(obj, type) else getattr(obj, part)
+    if isinstance(obj, type):  # its own __call__ / forward, not torch's or object's
+        owners = [next((k for k in obj.__mro__ if m in vars(k)), object) for m in ("__call__", "forward")]
+        members = [vars(k)[m] for k, m in zip(owners, ("__call__", "forward"))
+                   if k is not object and not k.__module__.startswith(("torch.", "builtins"))]
+    else:
+        members = [obj]
+    codes = []
+    for member in members:
+        member = getattr(member, "__func__", member)           # staticmethod, classmethod, bound method
+        member = inspect.unwrap(member) if callable(member) else member
+        code = getattr(member, "__code__", None)
+        if code is not None:
+            codes.append(code)
+    if not codes:
+        raise ValueError(f"{spec!r} does not name a Python function")
+    return codes
+
+
+class _CallWatch:
+    """A profile hook (``sys.setprofile``, every thread) that counts calls into forbidden Python code."""
+
+    def __init__(self, trace: Trace, state: dict, specs: Sequence[str]):
+        self.trace, self.state = trace, state
+        self.keys: dict[tuple[str, int, str], str] = {}
+        self.names: dict[tuple[str, str], str] = {}
+        self.patterns = [spec for spec in specs if "*" in spec]   # e.g. "diffusers.pipelines.*:*.get_timesteps"
+        self.memo: dict = {}
+        for spec in specs:
+            if "*" in spec:
+                continue
+            module_name, _, qualname = spec.partition(":")
+            for q in (qualname, f"{qualname}.forward", f"{qualname}.__call__"):
+                self.names[(module_name, q)] = spec
+            # A module not imported yet is not imported here (a library can take seconds): its code is
+            # then matched by module and qualified name when it runs.
+            if module_name in sys.modules:
+                for code in resolve_callable(spec):
+                    self.keys[_code_key(code)] = spec
+        self.hook = self._hook  # one bound method, so that sys.getprofile() is it
+
+    def _hook(self, frame, event, arg):
+        if event == "call" and not self.state["paused"]:
+            code = frame.f_code
+            where = (code, frame.f_globals.get("__name__"))
+            spec = self.memo.get(where, _MISSING)
+            if spec is _MISSING:
+                spec = self.memo[where] = self._match(code, where[1])
+            if spec is not None:
+                self.trace.calls[spec] += 1
+
+    def _match(self, code, module_name) -> str | None:
+        import fnmatch
+
+        spec = self.keys.get(_code_key(code)) or self.names.get((module_name, code.co_qualname))
+        if spec is None and isinstance(module_name, str):
+            name = f"{module_name}:{code.co_qualname}"
+            spec = next((p for p in self.patterns if fnmatch.fnmatchcase(name, p)), None)
+        return spec
+
+    def __enter__(self):
+        import threading
+
+        self._before = (sys.getprofile(), threading.getprofile())
+        threading.setprofile(self.hook)
+        sys.setprofile(self.hook)
+        return self
+
+    def __exit__(self, *exc):
+        import threading
+
+        if sys.getprofile() is not self.hook:
+            self.trace.calls[_UNWATCHED] += 1
+        sys.setprofile(self._before[0])
+        threading.setprofile(self._before[1])
 
 
 @dataclass(frozen=True)
@@ -135,6 +244,9 @@ class Watch:
         if self.rules:
             self._stack.enter_context(_FunctionWatch(self.trace, self.state))
             self._stack.enter_context(_OpWatch(self.trace, self.state))
+        specs = [c for r in self.rules if isinstance(r, Forbid) for c in r.callables]
+        if specs:
+            self._stack.enter_context(_CallWatch(self.trace, self.state, specs))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -642,7 +754,11 @@ def _matching_mistake(check: Check, inputs: Inputs, got: Sequence[np.ndarray]) -
 
 
 def make_copy(inputs: Inputs) -> Inputs:
-    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    """Inputs that one call may change without changing another's (tensors cloned, modules deep-copied)."""
+    import copy
+
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) if isinstance(v, torch.nn.Module) else v)
+            for k, v in inputs.items()}
 
 
 def evaluate(check: Check, impl: Any, seed: int | None = None, hidden: bool | None = None,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autograders.engine.core import Case, Task, TaskSet, randn
+from autograders.engine.core import Case, Task, TaskSet, no_course_version, randn
 
 CHAPTER = "12_ddpm"
 
@@ -108,6 +108,7 @@ SCHEDULE = Task(
     ),
     call=_call_schedule,
     output_names=("betas", "alphas_cumprod"),
+    rules=(no_course_version("coursekit.diffusion:make_betas"),),
 )
 
 
@@ -136,6 +137,7 @@ Q_SAMPLE = Task(
         Case("one image, t = T-1", lambda g: _q_inputs(g, (1, 1, 8, 8), t=[999]), hidden=True),
     ),
     call=lambda impl, i: impl(i["x0"], i["t"], i["noise"], i["alphas_cumprod"]),
+    rules=(no_course_version("coursekit.diffusion:q_sample"),),
 )
 
 
@@ -220,6 +222,7 @@ STEP = Task(
     ),
     call=_call_step,
     output_names=("prev_sample", "pred_original_sample"),
+    rules=(no_course_version("coursekit.diffusion:*.step"),),
 )
 
 
@@ -257,6 +260,7 @@ LOOP = Task(
     call=_call_loop,
     output_names=("sample",),
     uses=("ddpm_step",),
+    rules=(no_course_version("coursekit.diffusion:sample_loop", "coursekit.diffusion:*.step"),),
 )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from autograders.engine.core import Case, Forbid, Require, Task, TaskSet, randn
+from autograders.engine.core import Case, Forbid, Require, Task, TaskSet, no_course_version, randn
 from coursekit.seq2seq_data import BOS, EOS, PAD, TinyScorer
 
 CHAPTER = "04_decoder_seq2seq"
@@ -89,6 +89,7 @@ CROSS = Task(
     ),
     call=_call_cross,
     output_names=("output", "weights"),
+    rules=(no_course_version("coursekit.unet:CrossAttention"),),
 )
 
 

@@ -6,12 +6,10 @@ Conventions (stated in the notebook): a text encoder's per-layer outputs are a t
 tuples of ints; timesteps are a decreasing int64 list walked by a sampler (a scheduler's ``timesteps``)
 and ``alphas_cumprod[t]`` is the signal fraction of ``x_t``.
 
-Rules: diffusers' own implementations of these steps (the pipelines' ``get_timesteps`` and
-``_get_add_time_ids``, its ``get_timestep_embedding`` / ``Timesteps``) and the course's
-``coursekit.unet.timestep_embedding`` would hand the answer over; while an exercise that forbids them
-is produced they are replaced by recording wrappers -- on the diffusers classes and in the diffusers
-modules that the submission's namespace reaches, in ``coursekit.unet`` and under the submission's own
-names for them -- and a call breaks the rule.
+Rules: diffusers' own implementations of these steps (the pipelines' ``encode_prompt``, ``get_timesteps``
+and ``_get_add_time_ids``, its ``get_timestep_embedding`` / ``Timesteps``) and the course's
+``coursekit.unet.timestep_embedding`` would hand the answer over: the tasks forbid them with
+``Forbid(callables=...)``, which sees a call however the function was reached (autograders/README.md).
 """
 
 from __future__ import annotations
@@ -20,103 +18,19 @@ import math
 
 import torch
 
-from autograders.engine.core import Case, Require, Task, TaskSet, randn
+from autograders.engine.core import Case, Forbid, Task, TaskSet, randn
 
 CHAPTER = "14_sdxl"
 
 
 # ---------------------------------------------------------------------------------------------
-# Library functions that give an answer away: recorded while an exercise runs
+# Library functions that give an answer away (Forbid(callables=...): seen however they are reached)
 
-
-def _recording(original, label, seen):
-    def wrapper(*args, **kwargs):
-        seen.append(label)
-        return original(*args, **kwargs)
-    wrapper.__wrapped__ = original
-    wrapper._course_recording = True
-    return wrapper
-
-
-def _diffusers_namespaces(globs: dict) -> tuple[list[dict], list[type]]:
-    """The diffusers module namespaces and classes a submission's namespace reaches: modules it names, the
-    modules its diffusers functions and methods were defined in, and the classes it names (with their bases)."""
-    namespaces, classes = {}, {}
-
-    def is_diffusers(obj) -> bool:
-        return str(getattr(obj, "__module__", None) or getattr(obj, "__name__", "")).startswith("diffusers")
-
-    for value in list(globs.values()):
-        if isinstance(value, type(math)) and value.__name__.startswith("diffusers"):
-            namespaces[id(value.__dict__)] = value.__dict__
-        elif isinstance(value, type) and is_diffusers(value):
-            for cls in value.__mro__:
-                if is_diffusers(cls):
-                    classes[id(cls)] = cls
-                    for member in vars(cls).values():
-                        g = getattr(member, "__globals__", None)
-                        if isinstance(g, dict):
-                            namespaces[id(g)] = g
-        elif callable(value) and is_diffusers(value) and isinstance(getattr(value, "__globals__", None), dict):
-            namespaces[id(value.__globals__)] = value.__globals__
-    return list(namespaces.values()), list(classes.values())
-
-
-def _watch_library(impl, seen, methods=(), diffusers_functions=(), course_functions=()):
-    """Wrap ``methods`` (method names, on the diffusers classes the submission reaches), ``diffusers_functions``
-    (module-level functions, in the diffusers modules it reaches) and ``course_functions`` (names in
-    ``coursekit.unet``) so that a call is recorded in ``seen``; aliases in ``impl``'s globals are wrapped too.
-    What the submission reaches is found from its own namespace (see :func:`_diffusers_namespaces`), the way
-    chapter 7's rules find the model's own paths; nothing is imported. Returns the undo steps."""
-    import coursekit.unet
-
-    undo, originals = [], {}
-    globs = getattr(impl, "__globals__", None)
-    globs = globs if isinstance(globs, dict) else {}
-    namespaces, classes = _diffusers_namespaces(globs)
-    for cls in classes:
-        for m in methods:
-            member = vars(cls).get(m)
-            if member is not None and not getattr(member, "_course_recording", False):
-                setattr(cls, m, _recording(member, f"diffusers' {cls.__name__}.{m}", seen))
-                undo.append(lambda cls=cls, m=m, member=member: setattr(cls, m, member))
-    for namespace in namespaces:
-        for name in diffusers_functions:
-            obj = namespace.get(name)
-            if callable(obj) and not getattr(obj, "_course_recording", False):
-                originals[id(obj)] = (obj, f"diffusers' {name}")
-    for name in course_functions:
-        obj = getattr(coursekit.unet, name, None)
-        if callable(obj):
-            originals[id(obj)] = (obj, f"coursekit.unet.{name}")
-    for original, label in originals.values():
-        wrapped = _recording(original, label, seen)
-        for namespace in [*namespaces, vars(coursekit.unet), globs]:
-            for key, value in list(namespace.items()):
-                if value is original:
-                    namespace[key] = wrapped
-                    undo.append(lambda namespace=namespace, key=key, original=original:
-                                namespace.__setitem__(key, original))
-    return undo
-
-
-def _undo(steps):
-    for step in reversed(steps):
-        step()
-
-
-def _library_rule(rule):
-    return Require(rule, test=lambda trace, inputs: not inputs.get("_library_calls"),
-                   found=lambda trace, inputs: "it called " + ", ".join(dict.fromkeys(inputs.get("_library_calls", ()))))
-
-
-def _watched_call(impl, inputs, fn, **library):
-    inputs["_library_calls"] = seen = []
-    undo = _watch_library(impl, seen, **library)
-    try:
-        return fn()
-    finally:
-        _undo(undo)
+_SDXL = "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl"
+ENCODE_PROMPT = (f"{_SDXL}*:*.encode_prompt",)
+ADD_TIME_IDS = (f"{_SDXL}*:*._get_add_time_ids", "diffusers.models.embeddings:get_timestep_embedding",
+                "diffusers.models.embeddings:Timesteps", "coursekit.unet:timestep_embedding")
+GET_TIMESTEPS = ("diffusers.pipelines.*:*.get_timesteps",)
 
 
 def _seed(g: torch.Generator) -> int:
@@ -154,7 +68,7 @@ def _text_inputs(g, B=2, S=7, d1=12, d2=20, layers1=4, layers2=6, pooled=16, cli
 def _call_text(impl, inputs):
     args = (tuple(h.clone() for h in inputs["hidden_states_1"]), tuple(h.clone() for h in inputs["hidden_states_2"]),
             inputs["text_embeds_2"].clone(), inputs["clip_skip"])
-    out = _watched_call(impl, inputs, lambda: impl(*args), methods=("encode_prompt",))
+    out = impl(*args)
     if not isinstance(out, (tuple, list)) or len(out) != 4:
         raise TypeError("sdxl_text_conditioning must return four tensors (prompt_embeds, pooled_prompt_embeds, "
                         "negative_prompt_embeds, negative_pooled_prompt_embeds)")
@@ -176,8 +90,8 @@ TEXT = Task(
     ),
     call=_call_text,
     output_names=("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds"),
-    rules=(_library_rule("concatenate the encoders' outputs yourself: diffusers' encode_prompt is not allowed in "
-                         "sdxl_text_conditioning"),),
+    rules=(Forbid("concatenate the encoders' outputs yourself: diffusers' encode_prompt is not allowed in "
+                  "sdxl_text_conditioning", callables=ENCODE_PROMPT),),
 )
 
 
@@ -195,9 +109,7 @@ def _call_micro(impl, inputs):
     def run():
         return impl(inputs["text_embeds"].clone(), inputs["original_size"], inputs["crops_coords_top_left"],
                     inputs["target_size"], inputs["embed_dim"], inputs["aesthetic_score"])
-    out = _watched_call(impl, inputs, run, methods=("_get_add_time_ids",),
-                        diffusers_functions=("get_timestep_embedding",),
-                        course_functions=("timestep_embedding",))
+    out = run()
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"micro_conditioning must return one tensor, got a {type(out).__name__}")
     return out
@@ -220,8 +132,9 @@ MICRO = Task(
     ),
     call=_call_micro,
     output_names=("added conditioning vector",),
-    rules=(_library_rule("write the embedding yourself: diffusers' _get_add_time_ids, get_timestep_embedding and "
-                         "Timesteps and coursekit.unet.timestep_embedding are not allowed in micro_conditioning"),),
+    rules=(Forbid("write the embedding yourself: diffusers' _get_add_time_ids, get_timestep_embedding and "
+                  "Timesteps and coursekit.unet.timestep_embedding are not allowed in micro_conditioning",
+                  callables=ADD_TIME_IDS),),
 )
 
 
@@ -243,7 +156,7 @@ def _call_img2img(impl, inputs):
     def run():
         return impl(inputs["latents"].clone(), inputs["noise"].clone(), inputs["timesteps"].clone(),
                     inputs["strength"], inputs["alphas_cumprod"])
-    out = _watched_call(impl, inputs, run, methods=("get_timesteps",))
+    out = run()
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         raise TypeError("img2img_start must return a pair (noisy_latents, timesteps)")
     noisy, timesteps = out
@@ -268,7 +181,7 @@ IMG2IMG = Task(
     ),
     call=_call_img2img,
     output_names=("noisy latents", "remaining timesteps"),
-    rules=(_library_rule(_GET_TIMESTEPS_RULE),),
+    rules=(Forbid(_GET_TIMESTEPS_RULE, callables=GET_TIMESTEPS),),
 )
 
 
@@ -281,9 +194,7 @@ def _handoff_inputs(timesteps, fraction, T=1000):
 
 
 def _call_handoff(impl, inputs):
-    out = _watched_call(impl, inputs, lambda: impl(inputs["timesteps"].clone(), inputs["num_train_timesteps"],
-                                                   inputs["fraction"]),
-                        methods=("get_timesteps",))
+    out = impl(inputs["timesteps"].clone(), inputs["num_train_timesteps"], inputs["fraction"])
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         raise TypeError("split_timesteps must return a pair (base_timesteps, refiner_timesteps)")
     for name, value in zip(("base_timesteps", "refiner_timesteps"), out):
@@ -308,7 +219,7 @@ HANDOFF = Task(
     ),
     call=_call_handoff,
     output_names=("base timesteps", "refiner timesteps"),
-    rules=(_library_rule(_GET_TIMESTEPS_RULE),),
+    rules=(Forbid(_GET_TIMESTEPS_RULE, callables=GET_TIMESTEPS),),
 )
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from autograders.engine.core import Case, Forbid, Task, TaskSet, randn
+from autograders.engine.core import Case, Forbid, Task, TaskSet, no_course_version, randn
 from coursekit import dit as D
 from coursekit.diffusion import DDIMScheduler
 
@@ -39,6 +39,11 @@ NO_LIBRARY_REARRANGE = Forbid(
     ops=("aten.convolution", "aten.im2col", "aten.col2im", "aten.unfold", "aten.pixel_shuffle",
          "aten.pixel_unshuffle"),
 )
+
+
+# coursekit's own versions of the exercises (chapter 9's 2-D patches too) may not stand in for them
+COURSE_PATCHES = no_course_version("coursekit.dit:patchify", "coursekit.dit:unpatchify", "coursekit.vision:patchify",
+                                   "coursekit.vision:unpatchify")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,7 +71,7 @@ PATCHIFY = Task(
     ),
     call=_call_patchify,
     output_names=("tokens",),
-    rules=(NO_LIBRARY_REARRANGE,),
+    rules=(NO_LIBRARY_REARRANGE, COURSE_PATCHES),
 )
 
 
@@ -78,14 +83,16 @@ def _token_inputs(g, b, c, fhw, patch):
     f, h, w = fhw
     pf, ph, pw = patch
     n = (f // pf) * (h // ph) * (w // pw)
+    clip = randn(g, b, c, f, h, w)
+    # the clip's tokens are made here, outside the rules' watch, by coursekit's patchify (Exercise 1's convention)
     return {"tokens": randn(g, b, n, pf * ph * pw * c), "patch": tuple(patch), "shape": (c, f, h, w),
-            "clip": randn(g, b, c, f, h, w)}
+            "clip": clip, "clip_tokens": D.patchify(clip, patch)}
 
 
 def _call_unpatchify(impl, inputs):
     out = _tensor(impl(inputs["tokens"].clone(), inputs["patch"], inputs["shape"]), "unpatchify's result")
-    # the round trip: the clip through coursekit's patchify (the same convention as Exercise 1) and back
-    back = _tensor(impl(D.patchify(inputs["clip"], inputs["patch"]), inputs["patch"], inputs["shape"]),
+    # the round trip: the clip's tokens (from coursekit's patchify, made with the inputs) and back
+    back = _tensor(impl(inputs["clip_tokens"].clone(), inputs["patch"], inputs["shape"]),
                    "unpatchify's result")
     return out, back
 
@@ -101,7 +108,7 @@ UNPATCHIFY = Task(
     ),
     call=_call_unpatchify,
     output_names=("clip from the tokens", "round trip unpatchify(patchify(clip))"),
-    rules=(NO_LIBRARY_REARRANGE,),
+    rules=(NO_LIBRARY_REARRANGE, COURSE_PATCHES),
 )
 
 
@@ -125,6 +132,7 @@ MODULATE = Task(
     ),
     call=lambda impl, i: _tensor(impl(i["x"].clone(), i["shift"].clone(), i["scale"].clone()), "modulate's result"),
     output_names=("modulated tokens",),
+    rules=(no_course_version("coursekit.dit:modulate"),),
 )
 
 
@@ -184,6 +192,7 @@ BLOCK = Task(
     ),
     call=_call_block,
     output_names=("a fresh block is the identity (1 = yes)", "output with random weights"),
+    rules=(no_course_version("coursekit.dit:DiTBlock"),),
 )
 
 
@@ -193,11 +202,12 @@ BLOCK = Task(
 
 def _dit_inputs(g, input_size, patch, channels, hidden, depth, heads, b=2):
     f, h, w = input_size
-    return {"config": {"input_size": input_size, "patch_size": patch, "in_channels": channels, "hidden_size": hidden,
-                       "depth": depth, "num_heads": heads, "num_classes": (10, 4)},
-            "x": randn(g, b, channels, f, h, w), "t": torch.randint(0, 100, (b,), generator=g),
-            "labels": torch.stack([torch.randint(0, 11, (b,), generator=g), torch.randint(0, 5, (b,), generator=g)], 1),
-            "seed": _seed(g)}
+    inputs = {"config": {"input_size": input_size, "patch_size": patch, "in_channels": channels, "hidden_size": hidden,
+                         "depth": depth, "num_heads": heads, "num_classes": (10, 4)},
+              "x": randn(g, b, channels, f, h, w), "t": torch.randint(0, 100, (b,), generator=g),
+              "labels": torch.stack([torch.randint(0, 11, (b,), generator=g), torch.randint(0, 5, (b,), generator=g)], 1),
+              "seed": _seed(g)}
+    return {**inputs, "model": random_dit(inputs)}   # built here, outside the rules' watch
 
 
 def random_dit(inputs) -> D.DiT:
@@ -214,7 +224,7 @@ def random_dit(inputs) -> D.DiT:
 
 
 def _call_zero_init(impl, inputs):
-    model = random_dit(inputs)
+    model = inputs["model"]
     result = impl(model)
     if result is not None and result is not model:
         raise TypeError("zero_init must change the model in place (and may return it), not build a new one")
@@ -243,6 +253,7 @@ ZERO_INIT = Task(
     call=_call_zero_init,
     output_names=("the model's output", "largest change each block makes to its tokens",
                   "which parameters are all zero (1 = yes, sorted state_dict order)"),
+    rules=(no_course_version("coursekit.dit:zero_init", "coursekit.dit:initialize_weights"),),
 )
 
 
@@ -252,11 +263,12 @@ ZERO_INIT = Task(
 
 def _sampler_inputs(g, channels, input_size, patch, steps, scale, b=4, T=100, cosine=True, clip_sample=True):
     f, h, w = input_size
-    return {"config": {"input_size": input_size, "patch_size": patch, "in_channels": channels, "hidden_size": 32,
-                       "depth": 2, "num_heads": 2, "num_classes": (10, 4)},
-            "seed": _seed(g), "x": randn(g, b, channels, f, h, w),
-            "labels": torch.stack([torch.randint(0, 10, (b,), generator=g), torch.randint(0, 4, (b,), generator=g)], 1),
-            "guidance_scale": scale, "steps": steps, "T": T, "cosine": cosine, "clip_sample": clip_sample}
+    inputs = {"config": {"input_size": input_size, "patch_size": patch, "in_channels": channels, "hidden_size": 32,
+                         "depth": 2, "num_heads": 2, "num_classes": (10, 4)},
+              "seed": _seed(g), "x": randn(g, b, channels, f, h, w),
+              "labels": torch.stack([torch.randint(0, 10, (b,), generator=g), torch.randint(0, 4, (b,), generator=g)], 1),
+              "guidance_scale": scale, "steps": steps, "T": T, "cosine": cosine, "clip_sample": clip_sample}
+    return {**inputs, "model": random_dit(inputs)}   # built here, outside the rules' watch
 
 
 def make_scheduler(inputs) -> DDIMScheduler:
@@ -280,7 +292,7 @@ class CountingModel(nn.Module):
 
 
 def _call_sampler(impl, inputs):
-    model = CountingModel(random_dit(inputs))
+    model = CountingModel(inputs["model"])
     null = torch.tensor([[10, 4]]).expand(len(inputs["labels"]), -1).clone()
     with torch.no_grad():
         out = _tensor(impl(model, make_scheduler(inputs), inputs["x"].clone(), inputs["labels"].clone(), null,
@@ -303,6 +315,8 @@ SAMPLER = Task(
     ),
     call=_call_sampler,
     output_names=("final sample", "clips the model denoised"),
+    rules=(no_course_version("coursekit.diffusion:sample_loop", "coursekit.diffusion:guided",
+                             "coursekit.diffusion:cfg_combine"),),
 )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from autograders.engine.core import Case, Task, TaskSet, randn
+from autograders.engine.core import Case, Task, TaskSet, no_course_version, randn
 
 CHAPTER = "13_stable_diffusion"
 
@@ -72,6 +72,7 @@ REPARAMETERIZE = Task(
     ),
     call=_call_reparameterize,
     output_names=("z", "gradient w.r.t. mean", "gradient w.r.t. logvar"),
+    rules=(no_course_version("coursekit.vae:reparameterize"),),
 )
 
 
@@ -117,6 +118,7 @@ VAE_LOSS = Task(
     call=_call_vae_loss,
     output_names=("loss", "reconstruction term", "KL term", "gradient w.r.t. reconstruction",
                   "gradient w.r.t. mean", "gradient w.r.t. logvar"),
+    rules=(no_course_version("coursekit.vae:vae_loss", "coursekit.vae:gaussian_kl"),),
 )
 
 
@@ -147,6 +149,7 @@ CFG = Task(
     ),
     call=_call_cfg,
     output_names=("guided noise prediction",),
+    rules=(no_course_version("coursekit.diffusion:cfg_combine", "coursekit.diffusion:guided"),),
 )
 
 
@@ -187,6 +190,7 @@ FID = Task(
     ),
     call=_call_fid,
     output_names=("distance",),
+    rules=(no_course_version("coursekit.judge:frechet_distance", "coursekit.judge:Judge.fid"),),
 )
 
 

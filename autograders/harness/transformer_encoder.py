@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from autograders.engine.core import Case, Forbid, Task, TaskSet, randn
+from autograders.engine.core import Case, Forbid, Task, TaskSet, no_course_version, randn
 
 CHAPTER = "03_transformer_encoder"
 
@@ -110,6 +110,7 @@ FEED_FORWARD = Task(
         Case("large inputs (x10)", lambda g: _ffn_inputs(g, (3, 2, 8), 24, scale=10.0), hidden=True),
     ),
     call=_call_ffn,
+    rules=(no_course_version("coursekit.encoder:FeedForward"),),
 )
 
 
@@ -205,6 +206,7 @@ ENCODER_BLOCK = Task(
     ),
     call=_call_block,
     uses=("layer_norm",),  # through the notebook's LayerNorm module
+    rules=(no_course_version("coursekit.encoder:EncoderBlock"),),
 )
 
 
@@ -222,6 +224,7 @@ TRANSFORMER_ENCODER = Task(
     ),
     call=_call_stack,
     uses=("layer_norm",),
+    rules=(no_course_version("coursekit.encoder:TransformerEncoder", "coursekit.encoder:EncoderBlock"),),
 )
 
 

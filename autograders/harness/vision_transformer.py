@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from autograders.engine.core import Case, Forbid, Task, TaskSet, randn
+from autograders.engine.core import Case, Forbid, Task, TaskSet, no_course_version, randn
 from coursekit.vision import ViT, ViTConfig
 
 CHAPTER = "09_vision_transformer"
@@ -41,7 +41,7 @@ PATCHIFY = Task(
         Case("1 image 2x6x9, p=3", lambda g: _images(g, 1, 2, 6, 9, 3), hidden=True),
         Case("16 images 1x16x16, p=4", lambda g: _images(g, 16, 1, 16, 16, 4), hidden=True),
     ),
-    rules=(NO_UNFOLD,),
+    rules=(no_course_version("coursekit.vision:patchify", "coursekit.dit:patchify"), NO_UNFOLD,),
 )
 
 
@@ -59,7 +59,7 @@ UNPATCHIFY = Task(
         Case("one patch per image", lambda g: _patches(g, 2, 3, 4, 4, 4), hidden=True),
         Case("1 image 2x12x6, p=3 (taller than wide)", lambda g: _patches(g, 1, 2, 12, 6, 3), hidden=True),
     ),
-    rules=(NO_FOLD,),
+    rules=(no_course_version("coursekit.vision:unpatchify", "coursekit.dit:unpatchify"), NO_FOLD,),
 )
 
 
@@ -164,7 +164,7 @@ VISION_TRANSFORMER = Task(
                                                          d_model=12, n_heads=1, d_ff=24, n_layers=3), hidden=True),
     ),
     call=_call_vit,
-    rules=(NO_CONV_IN_FORWARD,),
+    rules=(no_course_version("coursekit.vision:ViT"), NO_CONV_IN_FORWARD,),
     uses=("patchify", "embed_patches", "add_cls_and_positions"),
 )
 
