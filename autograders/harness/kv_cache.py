@@ -8,9 +8,9 @@ cache a list with one pair per layer; ``None`` means "nothing cached yet".
 The models are small random ``coursekit.gpt.GPT``\\ s; the forward pass with a cache starts from the
 cache ``GPT.forward(..., use_cache=True)`` builds for the earlier tokens (built with the inputs, before the
 student's function runs). ``GPT.forward(past=..., use_cache=True)`` and ``coursekit.gpt.generate`` compute
-what Exercises 3 and 4 ask, so while those run the model's own forward paths (the model's, its blocks' and
-their attention's) and ``coursekit.gpt``'s ``generate`` / ``decode_step`` / ``StaticKVCache`` are replaced
-by recording wrappers, and a rule fails if any was called.
+what Exercises 3 and 4 ask, so those exercises forbid the model's own forward paths (the model's, its
+blocks' and their attention's) and ``coursekit.gpt``'s ``generate`` / ``decode_step`` / ``StaticKVCache``
+with ``Forbid(callables=...)``: a call is seen however it is reached.
 
 A paged cache (Exercise 5) is a pool ``(num_blocks, n_kv_head, block_size, d_head)`` and a block table:
 position ``t`` lives in block ``table[t // block_size]`` at offset ``t % block_size``.
@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import torch
 
-import coursekit.gpt as gpt_module
-from autograders.engine.core import Case, Forbid, Require, Task, TaskSet, randn
+from autograders.engine.core import Case, Forbid, Task, TaskSet, randn
 from coursekit.gpt import GPT, GPTConfig
 
 CHAPTER = "07_kv_cache"
@@ -132,73 +131,18 @@ _SDPA_OPS = ("aten.scaled_dot_product_attention", "aten._scaled_dot_product_atte
              "aten._scaled_dot_product_efficient_attention", "aten._scaled_dot_product_cudnn_attention",
              "aten._scaled_dot_product_fused_attention_overrideable", "aten._flash_attention_forward",
              "aten._efficient_attention_forward")
-_LIBRARY_NAMES = ("generate", "decode_step", "StaticKVCache")
-_LIBRARY = {name: getattr(gpt_module, name) for name in _LIBRARY_NAMES}  # as imported, never a wrapper
-
-
-def _recording(original, label, seen):
-    def recorded(*args, **kwargs):
-        seen.append(label)
-        return original(*args, **kwargs)
-    recorded._records = original  # marks a wrapper (calls that overlap may meet another's)
-    return recorded
-
-
-def _wraps(value, original) -> bool:
-    try:
-        return type(value).__name__ == "function" and value.__dict__.get("_records") is original
-    except Exception:  # noqa: BLE001 - any odd object in a namespace is simply not a wrapper
-        return False
-
-
-def _watch_own_paths(impl, model, seen):
-    """Put recording wrappers on every route to the model's own cached computation; return the undo.
-
-    The model's forward, each block's forward and each attention's forward and ``attend`` are
-    replaced on the instances (so ``model(...)``, ``model.forward(...)`` and ``GPT.forward(model, ...)``,
-    which calls the blocks, are all seen); ``coursekit.gpt.generate`` / ``decode_step`` /
-    ``StaticKVCache`` are replaced in ``coursekit.gpt`` and wherever the function's module names them."""
-    undo = []
-
-    def on_instance(obj, attr, label):
-        had_own = attr in vars(obj)
-        original = getattr(obj, attr)
-        object.__setattr__(obj, attr, _recording(original, label, seen))
-        undo.append(lambda: object.__setattr__(obj, attr, original) if had_own else object.__delattr__(obj, attr))
-
-    on_instance(model, "forward", "the model's forward (model(...) or model.forward)")
-    for i, block in enumerate(model.blocks):
-        on_instance(block, "forward", f"the forward of model.blocks[{i}]")
-        on_instance(block.attn, "forward", f"the forward of model.blocks[{i}].attn")
-        on_instance(block.attn, "attend", f"model.blocks[{i}].attn.attend")
-    namespaces = [vars(gpt_module)]
-    globs = getattr(impl, "__globals__", None)
-    if isinstance(globs, dict) and globs is not vars(gpt_module):
-        namespaces.append(globs)
-    for name, original in _LIBRARY.items():
-        wrapped = _recording(original, f"coursekit.gpt.{name}", seen)
-        for namespace in namespaces:
-            for key, value in list(namespace.items()):
-                if value is original or _wraps(value, original):
-                    namespace[key] = wrapped
-                    # back to the function itself, not to whatever was there: safe when calls overlap
-                    undo.append(lambda namespace=namespace, key=key, original=original:
-                                namespace.__setitem__(key, original))
-    return undo
-
-
-def _undo(steps):
-    for step in reversed(steps):
-        step()
+# every route to the model's own cached computation, seen however it is reached (Forbid(callables=...))
+_OWN_PATHS = ("coursekit.gpt:GPT.forward", "coursekit.gpt:Block.forward", "coursekit.gpt:CausalSelfAttention.forward",
+              "coursekit.gpt:CausalSelfAttention.attend", "coursekit.gpt:generate", "coursekit.gpt:decode_step",
+              "coursekit.gpt:StaticKVCache.*")
 
 
 def _own_calls_rule(exercise, instead):
-    return Require(
+    return Forbid(
         f"{instead}: the model's own forward (model(...), model.forward, GPT.forward, a block's or its "
         f"attention's forward or attend) and coursekit.gpt's generate / decode_step / StaticKVCache compute "
         f"this exercise for you and are not allowed in {exercise}",
-        test=lambda trace, inputs: not inputs.get("_own_calls"),
-        found=lambda trace, inputs: "it called " + ", ".join(dict.fromkeys(inputs.get("_own_calls", ()))),
+        callables=_OWN_PATHS,
     )
 
 
@@ -212,12 +156,7 @@ def _stack_cache(cache, n_layer):
 def _call_forward(impl, inputs):
     model = inputs["model"]
     past = None if inputs["past"] is None else [(k.clone(), v.clone()) for k, v in inputs["past"]]
-    inputs["_own_calls"] = seen = []
-    undo = _watch_own_paths(impl, model, seen)
-    try:
-        result = impl(model, inputs["idx_new"], past)
-    finally:
-        _undo(undo)
+    result = impl(model, inputs["idx_new"], past)
     if not isinstance(result, (tuple, list)) or len(result) != 2:
         raise TypeError("gpt_forward_cached must return a pair (logits, cache)")
     logits, present = result
@@ -257,13 +196,10 @@ def _generate_inputs(g, B, T, N, **config):
 def _call_generate(impl, inputs):
     model = inputs["model"]
     fed = []
-    inputs["_own_calls"] = seen = []
     handle = model.tok_emb.register_forward_hook(lambda module, args, out: fed.append(args[0].shape[-1]))
-    undo = _watch_own_paths(impl, model, seen)
     try:
         out = impl(model, inputs["idx"].clone(), inputs["max_new_tokens"])
     finally:
-        _undo(undo)
         handle.remove()
     return out, torch.tensor([sum(fed)])  # one count, as a 1-element array
 
