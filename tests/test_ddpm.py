@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -12,35 +11,12 @@ import torch.nn.functional as F
 from autograders import ddpm as ag
 from autograders.engine.core import evaluate, make_inputs
 from autograders.harness import ddpm as H
-from checks_support import assert_accepts, assert_rejects
-from notebook_code import load_solutions, not_implemented
+from checks_support import chapter_tests, assert_accepts, assert_rejects
+from notebook_code import load_solutions
 
 sol = load_solutions(ag.CHAPTER)
 NAMES = ["noise_schedule", "q_sample", "ddpm_loss", "ddpm_step", "ddpm_sample"]
-
-
-def test_every_exercise_has_a_check_and_a_task():
-    assert list(ag.CHECKS.checks) == NAMES
-    assert list(H.TASKS.tasks) == NAMES
-    assert all(ag.CHECKS[n].task is H.TASKS[n] for n in NAMES), "checks must use the harness's tasks"
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_solution_passes(name):
-    assert_accepts(ag.CHECKS, name, getattr(sol, name))
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_solution_passes_hidden_cases_without_warnings(name):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        report = evaluate(ag.CHECKS[name], getattr(sol, name), seed=123, hidden=True)
-    assert report.passed, report.summary()
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_stub_fails(name):
-    assert "not implemented yet" in assert_rejects(ag.CHECKS, name, not_implemented)
+globals().update(chapter_tests(ag.CHECKS, H.TASKS, NAMES, sol, hidden_seeds=(123,)))
 
 
 def test_grading_cells_do_not_train():
@@ -52,14 +28,6 @@ def test_grading_cells_do_not_train():
 def test_the_given_versions_pass_their_own_checks():
     assert_accepts(ag.CHECKS, "q_sample", ag.q_sample_given)
     assert_accepts(ag.CHECKS, "ddpm_step", ag.ddpm_step_given)
-
-
-def test_every_mistake_is_caught_with_its_hint():
-    for check in ag.CHECKS:
-        for mistake in check.mistakes:
-            report = evaluate(check, mistake.impl, seed=0, hidden=None)
-            assert not report.passed, f"{check.name}: the mistake {mistake.name!r} passes"
-            assert mistake.hint in report.summary(), f"{check.name}: no hint for {mistake.name!r}"
 
 
 # --- the references ----------------------------------------------------------------------------------

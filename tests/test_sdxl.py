@@ -4,7 +4,6 @@ stubs are rejected; the references are diffusers' code and agree with the formul
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -12,49 +11,17 @@ import torch
 from autograders import sdxl as ag
 from autograders.engine.core import evaluate, make_inputs
 from autograders.harness import sdxl as H
-from checks_support import assert_accepts, assert_rejects
-from notebook_code import load_solutions, not_implemented
+from checks_support import chapter_tests, assert_accepts, assert_rejects
+from notebook_code import load_solutions
 
 sol = load_solutions(ag.CHAPTER)
 NAMES = ["sdxl_text_conditioning", "micro_conditioning", "img2img_start", "split_timesteps"]
-
-
-def test_every_exercise_has_a_check_and_a_task():
-    assert list(ag.CHECKS.checks) == NAMES
-    assert list(H.TASKS.tasks) == NAMES
-    assert all(ag.CHECKS[n].task is H.TASKS[n] for n in NAMES), "checks must use the harness's tasks"
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_solution_passes(name):
-    assert_accepts(ag.CHECKS, name, getattr(sol, name))
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_solution_passes_hidden_cases_without_warnings(name):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        for seed in (11, 12, 13):
-            report = evaluate(ag.CHECKS[name], getattr(sol, name), seed=seed, hidden=True)
-            assert report.passed, report.summary()
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_stub_fails(name):
-    assert "not implemented yet" in assert_rejects(ag.CHECKS, name, not_implemented)
+globals().update(chapter_tests(ag.CHECKS, H.TASKS, NAMES, sol))
 
 
 def test_grading_cells_do_not_train():
     for name in ("judge", "base", "refiner", "control_model", "samples", "timings"):
         assert not hasattr(sol, name), f"{name} is defined before the last exercise"
-
-
-def test_every_mistake_is_caught_with_its_hint():
-    for check in ag.CHECKS:
-        for mistake in check.mistakes:
-            report = evaluate(check, mistake.impl, seed=0, hidden=None)
-            assert not report.passed, f"{check.name}: the mistake {mistake.name!r} passes"
-            assert mistake.hint in report.summary(), f"{check.name}: no hint for {mistake.name!r}"
 
 
 def test_references_print_nothing(capsys):

@@ -2,46 +2,21 @@
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
 from autograders import sora_dit as ag
-from autograders.engine.core import evaluate, make_inputs
+from autograders.engine.core import make_inputs
 from autograders.harness import sora_dit as H
-from checks_support import assert_accepts, assert_rejects
+from checks_support import chapter_tests, assert_accepts, assert_rejects
 from coursekit import dit as D
-from notebook_code import load_solutions, not_implemented
+from notebook_code import load_solutions
 
 sol = load_solutions(ag.CHAPTER)
 NAMES = ["patchify", "unpatchify", "modulate", "DiTBlock", "zero_init", "guided_sample"]
-
-
-def test_every_exercise_has_a_check_and_a_task():
-    assert list(ag.CHECKS.checks) == NAMES
-    assert list(H.TASKS.tasks) == NAMES
-    assert all(ag.CHECKS[n].task is H.TASKS[n] for n in NAMES), "checks must use the harness's tasks"
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_solution_passes(name):
-    assert_accepts(ag.CHECKS, name, getattr(sol, name))
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_solution_passes_hidden_cases_without_warnings(name):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        for seed in (11, 12, 13):
-            report = evaluate(ag.CHECKS[name], getattr(sol, name), seed=seed, hidden=True)
-            assert report.passed, report.summary()
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_stub_fails(name):
-    assert "not implemented yet" in assert_rejects(ag.CHECKS, name, not_implemented)
+globals().update(chapter_tests(ag.CHECKS, H.TASKS, NAMES, sol))
 
 
 def test_block_stub_fails():
@@ -55,14 +30,6 @@ def test_block_stub_fails():
 def test_grading_cells_do_not_train():
     for name in ("net", "train", "judge", "losses", "results"):
         assert not hasattr(sol, name), f"{name} is defined before the last exercise"
-
-
-def test_every_mistake_is_caught_with_its_hint():
-    for check in ag.CHECKS:
-        for mistake in check.mistakes:
-            report = evaluate(check, mistake.impl, seed=0, hidden=None)
-            assert not report.passed, f"{check.name}: the mistake {mistake.name!r} passes"
-            assert mistake.hint in report.summary(), f"{check.name}: no hint for {mistake.name!r}"
 
 
 # --- the references agree with coursekit and with each other ---------------------------------------
