@@ -69,7 +69,7 @@ assignment: $(STAMP)
 	$(PY) -m autograders.engine.assignment $(CHAPTER)
 
 test: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -p no:nbval tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -p no:nbval tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" -p no:nbval tests
