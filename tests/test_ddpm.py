@@ -408,3 +408,27 @@ def test_the_solution_says_what_is_wrong_with_bad_inputs():
         sol.ddpm_step(x, 10, x, x, abar, 10)
     with pytest.raises(ValueError, match="strictly decreasing"):
         sol.ddpm_sample(lambda a, b: a, (1, 1, 2, 2), abar, torch.tensor([0, 10]), torch.Generator())
+
+
+# --- the reference may not stand in for the student's code ----------------------------------------
+
+def test_diffusers_schedulers_may_not_compute_the_answer():
+    """diffusers' DDPMScheduler is what the checks compare with; called inside an exercise it scores 0."""
+    from diffusers import DDPMScheduler
+
+    def schedule_by_diffusers(T, kind="linear", beta_start=1e-4, beta_end=0.02):
+        s = DDPMScheduler(num_train_timesteps=T, beta_start=beta_start, beta_end=beta_end,
+                          beta_schedule="linear" if kind == "linear" else "squaredcos_cap_v2")
+        return s.betas.float(), s.alphas_cumprod.float()
+
+    def q_sample_by_diffusers(x0, t, noise, alphas_cumprod):
+        s = DDPMScheduler(num_train_timesteps=len(alphas_cumprod))
+        s.alphas_cumprod = alphas_cumprod
+        return s.add_noise(x0, noise, t)
+
+    def loss_by_diffusers(model, x0, t, noise, alphas_cumprod):
+        return F.mse_loss(model(q_sample_by_diffusers(x0, t, noise, alphas_cumprod), t), noise)
+
+    for name, impl in (("noise_schedule", schedule_by_diffusers), ("q_sample", q_sample_by_diffusers),
+                       ("ddpm_loss", loss_by_diffusers)):
+        assert_rejects(ag.CHECKS, name, impl, hint="diffusers' DDPMScheduler")

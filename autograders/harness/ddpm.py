@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autograders.engine.core import Case, Task, TaskSet, no_course_version, randn
+from autograders.engine.core import Case, Forbid, Task, TaskSet, no_course_version, randn
 
 CHAPTER = "12_ddpm"
 
@@ -38,6 +38,13 @@ def cosine_alphas_cumprod(T: int) -> torch.Tensor:
 
 def _seed(g: torch.Generator) -> int:
     return int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+
+
+# diffusers' schedulers are what these checks compare with (autograders/ddpm.py); inside the sandbox they may
+# not compute an exercise's answer either (Forbid(callables=...): seen however they are reached)
+DIFFUSERS_SCHEDULERS = ("diffusers.schedulers.scheduling_ddpm:*", "diffusers.schedulers.scheduling_ddim:*")
+NO_DIFFUSERS = Forbid("write it yourself: diffusers' DDPMScheduler / DDIMScheduler (what the checks compare with) may "
+                      "not be called here", callables=DIFFUSERS_SCHEDULERS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,7 +115,7 @@ SCHEDULE = Task(
     ),
     call=_call_schedule,
     output_names=("betas", "alphas_cumprod"),
-    rules=(no_course_version("coursekit.diffusion:make_betas"),),
+    rules=(no_course_version("coursekit.diffusion:make_betas"), NO_DIFFUSERS),
 )
 
 
@@ -137,7 +144,7 @@ Q_SAMPLE = Task(
         Case("one image, t = T-1", lambda g: _q_inputs(g, (1, 1, 8, 8), t=[999]), hidden=True),
     ),
     call=lambda impl, i: impl(i["x0"], i["t"], i["noise"], i["alphas_cumprod"]),
-    rules=(no_course_version("coursekit.diffusion:q_sample"),),
+    rules=(no_course_version("coursekit.diffusion:q_sample"), NO_DIFFUSERS),
 )
 
 
@@ -179,6 +186,7 @@ LOSS = Task(
     call=_call_loss,
     output_names=("loss", "gradient of the model's conv weight"),
     uses=("q_sample",),
+    rules=(NO_DIFFUSERS,),
 )
 
 
@@ -222,7 +230,7 @@ STEP = Task(
     ),
     call=_call_step,
     output_names=("prev_sample", "pred_original_sample"),
-    rules=(no_course_version("coursekit.diffusion:*.step"),),
+    rules=(no_course_version("coursekit.diffusion:*.step"), NO_DIFFUSERS),
 )
 
 
@@ -260,7 +268,7 @@ LOOP = Task(
     call=_call_loop,
     output_names=("sample",),
     uses=("ddpm_step",),
-    rules=(no_course_version("coursekit.diffusion:sample_loop", "coursekit.diffusion:*.step"),),
+    rules=(no_course_version("coursekit.diffusion:sample_loop", "coursekit.diffusion:*.step"), NO_DIFFUSERS),
 )
 
 
