@@ -329,3 +329,13 @@ def test_spearman_rejects(wrong, hint):
 def test_spearman_visible_cases_include_ties():
     inputs = make_inputs(H.SPEARMAN.cases[1], seed=0)
     assert len(set(inputs["y"].tolist())) < len(inputs["y"]), "the ratings case must contain ties"
+
+
+def test_the_libraries_the_checks_compare_with_may_not_compute_the_answer():
+    """sentence-transformers' and scipy's versions, called inside an exercise, score 0 with the rule named."""
+    from scipy.stats import spearmanr
+    from sentence_transformers.util import cos_sim
+
+    assert_rejects(ag.CHECKS, "cosine_similarity_matrix", lambda a, b: cos_sim(a, b), hint="sentence-transformers'")
+    assert_rejects(ag.CHECKS, "spearman", lambda x, y: torch.tensor(spearmanr(x, y).statistic, dtype=torch.float64),
+                   hint="scipy's spearmanr")

@@ -361,3 +361,17 @@ def test_word_ids_cases_have_multi_piece_words():
     w = make_inputs(case, 0)["word_ids"]
     assert (w[:, 0] == -1).all()
     assert any(int((row == k).sum()) > 1 for row in w for k in range(int(row.max()) + 1))
+
+
+def test_the_collator_the_check_compares_with_may_not_compute_the_answer():
+    """transformers' _whole_word_mask draws nothing, so only the call rule keeps it out: it scores 0."""
+    from transformers.data.data_collator import DataCollatorForLanguageModeling
+
+    def by_the_collator(word_ids, uniforms, probability):
+        first = torch.ones_like(word_ids, dtype=torch.bool)
+        first[:, 1:] = word_ids[:, 1:] != word_ids[:, :-1]
+        drawn = (first & (word_ids >= 0) & (uniforms < probability)).numpy()
+        return torch.from_numpy(np.asarray(DataCollatorForLanguageModeling._whole_word_mask(word_ids.numpy(), drawn),
+                                           dtype=bool))
+
+    assert_rejects(ag.CHECKS, "whole_word_mask", by_the_collator, hint="transformers' DataCollatorForLanguageModeling")

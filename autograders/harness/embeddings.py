@@ -39,6 +39,19 @@ def _pool_inputs(g, B, T, D, scale=1.0, **mask_options):
     return {"token_embeddings": randn(g, B, T, D, scale=scale) + 0.5, "attention_mask": _mask(g, B, T, **mask_options)}
 
 
+# sentence-transformers and scipy are what these checks compare with (autograders/embeddings.py); inside the
+# sandbox they may not compute an exercise's answer either (Forbid(callables=...): seen however reached)
+NO_SENTENCE_TRANSFORMERS = Forbid(
+    "write it yourself: sentence-transformers' Pooling, Normalize, cos_sim and semantic_search (what the checks "
+    "compare with) may not be called here",
+    callables=("sentence_transformers.sentence_transformer.modules.pooling:Pooling.*",
+               "sentence_transformers.base.modules.normalize:Normalize.*",
+               "sentence_transformers.util.similarity:*", "sentence_transformers.util.retrieval:*"))
+NO_SCIPY_SPEARMAN = Forbid("rank and correlate yourself: scipy's spearmanr and rankdata (what the checks compare "
+                           "with) may not be called here",
+                           callables=("scipy.stats._stats_py:spearmanr", "scipy.stats._stats_py:rankdata"))
+
+
 MEAN_POOL = Task(
     "mean_pool",
     cases=(
@@ -53,6 +66,7 @@ MEAN_POOL = Task(
                                                "attention_mask": torch.ones(2, 1, dtype=torch.int64)}, hidden=True),
         Case("large values (x100)", lambda g: _pool_inputs(g, 2, 9, 7, scale=100.0), hidden=True),
     ),
+    rules=(NO_SENTENCE_TRANSFORMERS,),
 )
 
 
@@ -82,7 +96,8 @@ L2_NORMALIZE = Task(
              hidden=True),
         Case("size 1 (every vector becomes +-1)", lambda g: {"x": randn(g, 6, 1), "eps": 1e-12}, hidden=True),
     ),
-    rules=(Forbid("write the normalisation yourself: F.normalize is not allowed", functions=("normalize",)),),
+    rules=(Forbid("write the normalisation yourself: F.normalize is not allowed", functions=("normalize",)),
+           NO_SENTENCE_TRANSFORMERS),
 )
 
 
@@ -116,7 +131,8 @@ COSINE = Task(
     ),
     rules=(Forbid("compute it from normalised vectors and one matrix product: F.cosine_similarity and "
                   "F.normalize are not allowed (call your l2_normalize)",
-                  functions=("cosine_similarity", "normalize"), ops=("aten.cosine_similarity",)),),
+                  functions=("cosine_similarity", "normalize"), ops=("aten.cosine_similarity",)),
+           NO_SENTENCE_TRANSFORMERS),
     uses=("l2_normalize",),
 )
 
@@ -150,6 +166,7 @@ TOP_K = Task(
     call=_call_top_k,
     output_names=("scores", "indices"),
     uses=("cosine_similarity_matrix",),
+    rules=(NO_SENTENCE_TRANSFORMERS,),
 )
 
 
@@ -197,6 +214,7 @@ SPEARMAN = Task(
     ),
     call=_call_spearman,
     output_names=("rho",),
+    rules=(NO_SCIPY_SPEARMAN,),
 )
 
 

@@ -26,6 +26,11 @@ NO_RANDOMNESS = Forbid(
     ops=("aten.bernoulli", "aten.rand", "aten.rand_like", "aten.randint", "aten.randperm", "aten.multinomial",
          "aten.uniform", "aten.random", "aten.normal", "aten.exponential", "aten.geometric"),
 )
+# transformers' collator is what the whole-word check compares with (autograders/vilt.py); its static
+# _whole_word_mask draws nothing, so NO_RANDOMNESS alone would not keep it out
+NO_COLLATOR = Forbid("write it yourself: transformers' DataCollatorForLanguageModeling (what the checks compare "
+                     "with) may not be called here",
+                     callables=("transformers.data.data_collator:DataCollatorForLanguageModeling.*",))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +163,7 @@ WHOLE_WORD_MASK = Task(
         Case("64 captions, probability 0.15", lambda g: _mask_inputs(g, 64, 12, 0.15), hidden=True),
     ),
     call=_call_mask,
-    rules=(NO_RANDOMNESS,),
+    rules=(NO_RANDOMNESS, NO_COLLATOR),
 )
 
 
